@@ -1,0 +1,141 @@
+"""Checks of whole-pipeline plans that need no processes.
+
+:func:`check_pipeline` replays the message exchange of all ranks under the strictest semantics a
+backend may have (NCCL's, and gloo's for unbuffered sends): a batch completes only once every
+operation in it has been posted by the peer too, and messages between one pair of ranks are matched
+in posting order, never by tag. A plan that passes cannot deadlock and cannot deliver a tensor to
+the wrong buffer on any backend.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from pipeschedule.plan import Message, RankPlan
+
+__all__ = ["PlanError", "check_pipeline", "peak_live_activations", "render_grid"]
+
+
+class PlanError(RuntimeError):
+    """A plan that would deadlock or mismatch messages; the text shows the rank x step grid."""
+
+
+def render_grid(plans: list[RankPlan], *, marks: dict[int, int] | None = None) -> str:
+    """The rank x action grid, one row a rank (``F3`` / ``F3.1`` cells).
+
+    ``marks`` maps a rank to an action index, drawn as ``>`` before that cell (where it stopped).
+    """
+    marks = marks or {}
+    labels = [[a.label(plan.v) for a in plan.actions] for plan in plans]
+    width = max((len(x) for row in labels for x in row), default=2) + 1
+    lines = []
+    for plan, row in zip(plans, labels):
+        cells = [("> " if marks.get(plan.r) == i else "  ") + x.ljust(width) for i, x in enumerate(row)]
+        if marks.get(plan.r) == len(row):
+            cells.append("> (final send)")
+        lines.append(f"rank {plan.r}: " + "".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _channels(plans: list[RankPlan]) -> tuple[dict, dict]:
+    """Per directed rank pair, the messages in the order the sender posts them and the receiver does."""
+    sent: dict[tuple[int, int], list[Message]] = defaultdict(list)
+    expected: dict[tuple[int, int], list[Message]] = defaultdict(list)
+    p = plans[0].p
+    for plan in plans:
+        for ex in plan.exchanges:
+            for msg in ex.sends:
+                sent[(plan.r, msg.dst_stage % p)].append(msg)
+            for msg in ex.recvs:
+                expected[(msg.src_stage % p, plan.r)].append(msg)
+    return sent, expected
+
+
+def _check_matching(plans: list[RankPlan]) -> None:
+    sent, expected = _channels(plans)
+    for channel in sorted(set(sent) | set(expected)):
+        a, b = sent.get(channel, []), expected.get(channel, [])
+        for j in range(max(len(a), len(b))):
+            x = a[j].label() if j < len(a) else "nothing"
+            y = b[j].label() if j < len(b) else "nothing"
+            if x != y:
+                raise PlanError(
+                    f"message #{j} from rank {channel[0]} to rank {channel[1]}: the sender posts {x} "
+                    f"but the receiver expects {y}\n{render_grid(plans)}"
+                )
+
+
+def check_pipeline(plans: list[RankPlan]) -> None:
+    """Raise :class:`PlanError` unless every message meets its receive and no rank can wait forever.
+
+    Sends to the same rank (``p = 1`` with several chunks) are handed over locally, so they complete
+    at once; the receive completes once the send has been posted.
+    """
+    if not plans:
+        raise ValueError("check_pipeline needs the plans of all ranks, got none")
+    _check_matching(plans)
+    p = len(plans)
+    # Per directed pair (a, b): how many sends a has posted to b, and how many receives b has posted.
+    sends_posted: dict[tuple[int, int], int] = defaultdict(int)
+    recvs_posted: dict[tuple[int, int], int] = defaultdict(int)
+    # Per rank and exchange: each operation's channel and its number on that channel.
+    numbered: list[list[list[tuple[str, tuple[int, int], int]]]] = []
+    for plan in plans:
+        seen: dict[tuple[str, tuple[int, int]], int] = defaultdict(int)
+        per_exchange = []
+        for ex in plan.exchanges:
+            ops = [("send", (plan.r, m.dst_stage % p)) for m in ex.sends]
+            ops += [("recv", (m.src_stage % p, plan.r)) for m in ex.recvs]
+            row = []
+            for op in ops:
+                row.append((op[0], op[1], seen[op]))
+                seen[op] += 1
+            per_exchange.append(row)
+        numbered.append(per_exchange)
+
+    position = [0] * p  # the exchange each rank has posted and waits on
+
+    def post(rank: int) -> None:
+        for kind, channel, _ in numbered[rank][position[rank]]:
+            (sends_posted if kind == "send" else recvs_posted)[channel] += 1
+
+    def complete(rank: int) -> bool:
+        for kind, channel, j in numbered[rank][position[rank]]:
+            if kind == "send" and channel[0] != channel[1] and recvs_posted[channel] <= j:
+                return False
+            if kind == "recv" and sends_posted[channel] <= j:
+                return False
+        return True
+
+    for rank in range(p):
+        post(rank)
+    progress = True
+    while progress:
+        progress = False
+        for rank in range(p):
+            while position[rank] < len(numbered[rank]) and complete(rank):
+                position[rank] += 1
+                progress = True
+                if position[rank] < len(numbered[rank]):
+                    post(rank)
+    stuck = {rank: position[rank] for rank in range(p) if position[rank] < len(numbered[rank])}
+    if stuck:
+        marks = {rank: sum(len(s.actions) for s in plans[rank].steps[: max(i - 1, 0)]) for rank, i in stuck.items()}
+        raise PlanError(
+            f"the plan deadlocks: ranks {sorted(stuck)} wait forever at the marked steps\n"
+            f"{render_grid(plans, marks=marks)}"
+        )
+
+
+def peak_live_activations(plan: RankPlan) -> int:
+    """The most chunk-activations rank ``plan.r`` holds at once, waiting for their backward.
+
+    Forward-only plans keep nothing for a backward; their figure is the one in flight, 1.
+    """
+    if plan.forward_only:
+        return 1 if plan.actions else 0
+    live = peak = 0
+    for action in plan.actions:
+        live += 1 if action.kind == "F" else -1
+        peak = max(peak, live)
+    return peak

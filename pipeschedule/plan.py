@@ -1,0 +1,350 @@
+"""The order of work of every schedule, as plain data.
+
+Nothing here touches ``torch.distributed``: these functions take the pipeline size ``p``, the rank
+``r``, the chunks per rank ``v`` and the microbatch count ``m`` and return what rank ``r`` does, in
+order. The schedule functions in :mod:`pipeschedule.schedules` execute exactly these plans, and the
+checks in :mod:`pipeschedule.check` prove properties of them without starting a process.
+
+Invariants of every plan (tested with hypothesis):
+
+* each ``(microbatch, chunk)`` is forwarded exactly once and, unless forward-only, backwarded exactly
+  once, after its forward;
+* the backwards of one chunk run in increasing microbatch order;
+* the actions come in three phases: ``warmup`` forwards, ``steady`` rounds of one forward then one
+  backward, ``cooldown`` backwards.
+
+Communication is part of the plan. A rank's step is one action, or in the interleaved steady phase
+a forward and a backward, followed by one *exchange*: a batch of sends and receives posted
+together and waited on together. Which exchange carries which message is decided here, once, so
+that :func:`pipeschedule.check.check_pipeline` can prove for every configuration that each send
+meets its receive in posting order and that no rank waits forever.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = [
+    "Action",
+    "Exchange",
+    "Message",
+    "PhaseCounts",
+    "RankPlan",
+    "Step",
+    "build_pipeline",
+    "build_plan",
+    "choose_group_size",
+    "order_table",
+    "phase_counts",
+]
+
+Phase = Literal["warmup", "steady", "cooldown"]
+
+
+@dataclass(frozen=True)
+class Action:
+    """One forward (``"F"``) or backward (``"B"``) of ``microbatch`` through this rank's ``chunk``."""
+
+    kind: Literal["F", "B"]
+    microbatch: int
+    chunk: int
+    phase: Phase
+
+    def label(self, v: int = 1) -> str:
+        """``F3`` for plain 1F1B, ``F3.1`` (microbatch 3, chunk 1) when there are several chunks."""
+        return f"{self.kind}{self.microbatch}" if v == 1 else f"{self.kind}{self.microbatch}.{self.chunk}"
+
+
+@dataclass(frozen=True)
+class Message:
+    """A tensor crossing from virtual stage ``src_stage`` to ``dst_stage``.
+
+    ``"act"`` messages flow forward (``dst = src + 1``), ``"grad"`` messages backward
+    (``dst = src - 1``). A stage ``s`` lives on rank ``s % p``.
+    """
+
+    kind: Literal["act", "grad"]
+    microbatch: int
+    src_stage: int
+    dst_stage: int
+
+    def label(self) -> str:
+        return f"{self.kind}{self.microbatch}:{self.src_stage}>{self.dst_stage}"
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One batch of point-to-point operations, posted together and waited on together.
+
+    Activations are always sent to the next rank and received from the previous one; gradients
+    are sent to the previous rank and received from the next one. Within a batch activation
+    traffic comes before gradient traffic, on the sending and the receiving side alike: with
+    ``p = 2`` both neighbours are one rank, messages on one channel are matched in posting order,
+    and this fixed order is what makes each tensor land in the buffer meant for it.
+    """
+
+    sends: tuple[Message, ...] = ()
+    recvs: tuple[Message, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.sends or self.recvs)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One or two actions (a steady forward and backward) followed by one exchange.
+
+    The exchange sends what the actions produced and receives what the next step consumes.
+    """
+
+    actions: tuple[Action, ...]
+    exchange: Exchange
+
+
+@dataclass(frozen=True)
+class PhaseCounts:
+    """How many actions fall in each phase. ``total`` is the number of forwards (``m * v``)."""
+
+    warmup: int
+    steady: int
+    cooldown: int
+    total: int
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """Everything rank ``r`` does in one step of training.
+
+    ``first`` is posted before anything else (the receive of the first input); then each step runs
+    its actions and posts its exchange.
+    """
+
+    p: int
+    r: int
+    v: int
+    m: int
+    forward_only: bool
+    group_size: int
+    counts: PhaseCounts
+    first: Exchange
+    steps: tuple[Step, ...]
+
+    @property
+    def actions(self) -> tuple[Action, ...]:
+        return tuple(a for step in self.steps for a in step.actions)
+
+    @property
+    def exchanges(self) -> tuple[Exchange, ...]:
+        """All exchanges in posting order: ``first``, then one per step."""
+        return (self.first,) + tuple(step.exchange for step in self.steps)
+
+    @property
+    def num_stages(self) -> int:
+        return self.p * self.v
+
+    def stage(self, chunk: int) -> int:
+        """The virtual stage of ``chunk`` on this rank."""
+        return chunk * self.p + self.r
+
+
+def _check_sizes(p: int, r: int, v: int, m: int) -> None:
+    for name, value, low in (("p", p, 1), ("v", v, 1), ("m", m, 1), ("r", r, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if r >= p:
+        raise ValueError(f"rank r={r} is outside the pipeline of size p={p}; use 0 <= r < p")
+
+
+def choose_group_size(*, p: int, m: int, v: int, requested: int | None = None) -> int:
+    """The number ``G`` of contiguous microbatches each chunk takes before the next chunk's turn.
+
+    Plain 1F1B (``v == 1``) has no groups; ``G`` is then ``m``, which makes the order table the
+    identity. For interleaving, a requested ``G`` is honoured if it is in ``[p, m]`` and leaves a
+    last group of either ``G`` or at least ``p`` microbatches (a shorter last group would leave
+    ranks waiting on each other). Without a request the smallest valid ``G >= p`` is chosen, which
+    is ``p`` whenever ``m % p == 0`` (the classic interleaved schedule).
+    """
+    if v == 1:
+        return m
+    if m < p:
+        raise ValueError(
+            f"the interleaved schedule needs at least as many microbatches as pipeline ranks, got "
+            f"num_microbatches={m} with p={p} and v={v}; use v=1 (plain 1F1B), or at least {p} "
+            f"microbatches"
+        )
+    if requested is not None:
+        if not isinstance(requested, int) or isinstance(requested, bool):
+            raise TypeError(f"microbatch_group_size_per_vp_stage must be an int, got {requested!r}")
+        if not p <= requested <= m:
+            raise ValueError(
+                f"microbatch_group_size_per_vp_stage={requested} is outside [p, m] = [{p}, {m}]; "
+                f"pick a value in that range or leave it unset to have one chosen"
+            )
+        rest = m % requested
+        if 0 < rest < p:
+            raise ValueError(
+                f"microbatch_group_size_per_vp_stage={requested} leaves a last group of {rest} "
+                f"microbatches (m={m}), fewer than p={p}; use a size that divides m or leaves at "
+                f"least p, e.g. {choose_group_size(p=p, m=m, v=v)}, or leave it unset"
+            )
+        return requested
+    for g in range(p, m + 1):
+        if m % g == 0 or m % g >= p:
+            return g
+    raise AssertionError("unreachable: G = m always qualifies")
+
+
+def order_table(*, m: int, v: int, group_size: int) -> list[tuple[int, int]]:
+    """The ``(microbatch, chunk)`` pairs in forward order.
+
+    Microbatches ``0 .. m-1`` are cut into consecutive groups of ``group_size`` (the last group
+    takes the rest); each group contributes, for chunk ``0 .. v-1`` in turn, all its microbatches.
+    """
+    table = []
+    for first in range(0, m, group_size):
+        group = range(first, min(first + group_size, m))
+        table.extend((mb, chunk) for chunk in range(v) for mb in group)
+    return table
+
+
+def phase_counts(
+    *, p: int, r: int, v: int = 1, m: int, forward_only: bool = False, group_size: int | None = None
+) -> PhaseCounts:
+    """Warmup, steady and cooldown sizes for rank ``r``.
+
+    1F1B: ``W = min(p - r - 1, m)``. Interleaved: ``W = min(2 (p - r - 1) + (v - 1) G, m v)``.
+    Forward-only: everything is warmup.
+    """
+    _check_sizes(p, r, v, m)
+    total = m * v
+    if forward_only:
+        warmup = total
+    elif v == 1:
+        warmup = min(p - r - 1, m)
+    else:
+        g = choose_group_size(p=p, m=m, v=v, requested=group_size)
+        warmup = min(2 * (p - r - 1) + (v - 1) * g, total)
+    steady = total - warmup
+    return PhaseCounts(warmup=warmup, steady=steady, cooldown=0 if forward_only else warmup, total=total)
+
+
+def _actions(counts: PhaseCounts, table: list[tuple[int, int]], v: int, forward_only: bool) -> list[Action]:
+    def forward(k: int, phase: Phase) -> Action:
+        mb, chunk = table[k]
+        return Action("F", mb, chunk, phase)
+
+    def backward(k: int, phase: Phase) -> Action:
+        mb, chunk = table[k]
+        return Action("B", mb, v - 1 - chunk, phase)
+
+    actions = [forward(k, "warmup") for k in range(counts.warmup)]
+    if forward_only:
+        return actions
+    for k in range(counts.steady):
+        actions.append(forward(counts.warmup + k, "steady"))
+        actions.append(backward(k, "steady"))
+    actions.extend(backward(k, "cooldown") for k in range(counts.steady, counts.total))
+    return actions
+
+
+def _input_message(action: Action, p: int, r: int, num_stages: int) -> Message | None:
+    stage = action.chunk * p + r
+    if action.kind == "F":
+        return None if stage == 0 else Message("act", action.microbatch, stage - 1, stage)
+    return None if stage == num_stages - 1 else Message("grad", action.microbatch, stage + 1, stage)
+
+
+def _output_message(action: Action, p: int, r: int, num_stages: int) -> Message | None:
+    stage = action.chunk * p + r
+    if action.kind == "F":
+        return None if stage == num_stages - 1 else Message("act", action.microbatch, stage, stage + 1)
+    return None if stage == 0 else Message("grad", action.microbatch, stage, stage - 1)
+
+
+def _step_groups(p: int, r: int, v: int, m: int, forward_only: bool, g: int) -> list[tuple[Action, ...]]:
+    counts = phase_counts(p=p, r=r, v=v, m=m, forward_only=forward_only, group_size=g)
+    actions = _actions(counts, order_table(m=m, v=v, group_size=g), v, forward_only)
+    if v == 1:
+        return [(a,) for a in actions]
+    steady = [a for a in actions if a.phase == "steady"]
+    return (
+        [(a,) for a in actions if a.phase == "warmup"]
+        + [tuple(steady[i : i + 2]) for i in range(0, len(steady), 2)]
+        + [(a,) for a in actions if a.phase == "cooldown"]
+    )
+
+
+def _sent_at(p: int, r: int, v: int, groups: list[tuple[Action, ...]]) -> dict[Message, tuple[int, int]]:
+    """For each message rank ``r`` sends: (exchange index, position among that exchange's sends)."""
+    where = {}
+    for i, group in enumerate(groups):
+        outputs = sorted((m for a in group if (m := _output_message(a, p, r, p * v))), key=lambda x: x.kind != "act")
+        for k, msg in enumerate(outputs):
+            where[msg] = (i + 1, k)  # exchange 0 is the initial receive; step i posts exchange i + 1
+    return where
+
+
+def build_plan(
+    *, p: int, r: int, v: int = 1, m: int, forward_only: bool = False, group_size: int | None = None
+) -> RankPlan:
+    """The ordered actions and exchanges of rank ``r``.
+
+    The order equals Megatron-core's: forward number ``k`` runs ``order_table()[k]`` and backward
+    number ``k`` runs the same microbatch through chunk ``v - 1 - chunk``; the steady phase pairs
+    forward ``W + k`` with backward ``k``.
+
+    Steps: plain 1F1B makes every action a step of its own, so each output leaves as soon as it
+    exists. Interleaving runs a steady forward and backward as one step with one exchange, which
+    keeps all ranks in lockstep: exchange ``i`` of rank ``r`` happens at pipeline time ``i + r``.
+
+    Sends leave in the exchange right after the step that produced them. A receive is posted at
+    the pipeline time its sender posts the send, or earlier if the step that consumes it comes
+    first; with the classic group size ``G = p`` both are the exchange right before the consumer
+    (Megatron's placement). With ``G > p`` some activations arrive before they are needed and wait
+    in the receiver's inbox: receiving them late instead would leave their sender blocked while
+    the receiver waits on that sender's neighbours, a deadlock.
+    Receives from one rank are posted in the order that rank sends, so tensors land in the
+    right buffers even when both neighbours are one rank (``p = 2``).
+    """
+    counts = phase_counts(p=p, r=r, v=v, m=m, forward_only=forward_only, group_size=group_size)
+    g = choose_group_size(p=p, m=m, v=v, requested=group_size)
+    groups = _step_groups(p, r, v, m, forward_only, g)
+    stages = p * v
+    prev, nxt = (r - 1) % p, (r + 1) % p
+    sent_at = {q: _sent_at(p, q, v, _step_groups(p, q, v, m, forward_only, g)) for q in {prev, nxt}}
+
+    # Where each input is received: the latest exchange allowed by its consumer and by lockstep.
+    placed: dict[Message, int] = {}
+    for i, group in enumerate(groups):
+        for action in group:
+            msg = _input_message(action, p, r, stages)
+            if msg is not None:
+                sender = msg.src_stage % p
+                placed[msg] = max(0, min(i, sent_at[sender][msg][0] + sender - r))
+    # A receive may not come after a later message from the same sender: pull it earlier.
+    for sender in {prev, nxt}:
+        on_channel = sorted((m for m in placed if m.src_stage % p == sender), key=lambda m: sent_at[sender][m])
+        for earlier, later in zip(reversed(on_channel[:-1]), reversed(on_channel[1:])):
+            placed[earlier] = min(placed[earlier], placed[later])
+
+    recvs: list[list[Message]] = [[] for _ in range(len(groups) + 1)]
+    for msg in sorted(placed, key=lambda m: (m.src_stage % p, sent_at[m.src_stage % p][m])):
+        recvs[placed[msg]].append(msg)
+    sends = [[]] + [
+        sorted((m for a in group if (m := _output_message(a, p, r, stages))), key=lambda x: x.kind != "act")
+        for group in groups
+    ]
+    exchanges = [Exchange(sends=tuple(s), recvs=tuple(x)) for s, x in zip(sends, recvs)]
+    return RankPlan(
+        p=p, r=r, v=v, m=m, forward_only=forward_only, group_size=g, counts=counts,
+        first=exchanges[0],
+        steps=tuple(Step(actions=group, exchange=ex) for group, ex in zip(groups, exchanges[1:])),
+    )
+
+
+def build_pipeline(
+    *, p: int, v: int = 1, m: int, forward_only: bool = False, group_size: int | None = None
+) -> list[RankPlan]:
+    """The plans of all ``p`` ranks, indexed by rank."""
+    return [build_plan(p=p, r=r, v=v, m=m, forward_only=forward_only, group_size=group_size) for r in range(p)]
