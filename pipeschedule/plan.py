@@ -147,6 +147,14 @@ class RankPlan:
         """The virtual stage of ``chunk`` on this rank."""
         return chunk * self.p + self.r
 
+    def input_message(self, action: Action) -> Message | None:
+        """What ``action`` consumes from a neighbour: an activation for F, a gradient for B."""
+        return _input_message(action, self.p, self.r, self.num_stages)
+
+    def output_message(self, action: Action) -> Message | None:
+        """What ``action`` hands to a neighbour (``None`` at the ends of the pipeline)."""
+        return _output_message(action, self.p, self.r, self.num_stages)
+
 
 def _check_sizes(p: int, r: int, v: int, m: int) -> None:
     for name, value, low in (("p", p, 1), ("v", v, 1), ("m", m, 1), ("r", r, 0)):
@@ -279,7 +287,7 @@ def _sent_at(p: int, r: int, v: int, groups: list[tuple[Action, ...]]) -> dict[M
     """For each message rank ``r`` sends: (exchange index, position among that exchange's sends)."""
     where = {}
     for i, group in enumerate(groups):
-        outputs = sorted((m for a in group if (m := _output_message(a, p, r, p * v))), key=lambda x: x.kind != "act")
+        outputs = sorted((msg for a in group if (msg := _output_message(a, p, r, p * v))), key=lambda x: x.kind != "act")
         for k, msg in enumerate(outputs):
             where[msg] = (i + 1, k)  # exchange 0 is the initial receive; step i posts exchange i + 1
     return where
@@ -332,7 +340,7 @@ def build_plan(
     for msg in sorted(placed, key=lambda m: (m.src_stage % p, sent_at[m.src_stage % p][m])):
         recvs[placed[msg]].append(msg)
     sends = [[]] + [
-        sorted((m for a in group if (m := _output_message(a, p, r, stages))), key=lambda x: x.kind != "act")
+        sorted((msg for a in group if (msg := _output_message(a, p, r, stages))), key=lambda x: x.kind != "act")
         for group in groups
     ]
     exchanges = [Exchange(sends=tuple(s), recvs=tuple(x)) for s, x in zip(sends, recvs)]

@@ -1,0 +1,84 @@
+"""Configuration of the schedules, with Megatron-core's field names.
+
+The schedules read the config through attribute names only, so a Megatron ``ModelParallelConfig``
+(or any object with these attributes) works as well as :class:`PipelineConfig`; missing optional
+attributes take the defaults below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+import torch
+
+from pipeschedule.plan import Action, Exchange
+
+__all__ = ["PipelineConfig", "ScheduleEvent"]
+
+
+@dataclass(frozen=True)
+class ScheduleEvent:
+    """What an observer is told: one action or one exchange, after it ran.
+
+    ``start`` and ``end`` are ``time.perf_counter()`` readings on this rank; for an exchange the
+    span is the time spent posting and waiting on communication.
+    """
+
+    rank: int
+    what: Literal["action", "exchange"]
+    action: Action | None
+    exchange: Exchange | None
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Settings of a training step.
+
+    ``hidden_size`` and ``pipeline_dtype`` give the activation shape
+    ``[seq_length, micro_batch_size, hidden_size]`` and dtype (unless the schedule is called with an
+    explicit ``tensor_shape``). ``microbatch_group_size_per_vp_stage`` is the interleaved group size
+    ``G`` (``None``: ``p``, or the smallest valid size when ``m % p != 0``).
+
+    Hooks, called at the points Megatron-core calls them:
+
+    * ``no_sync_func``: returns a context manager that suspends data-parallel gradient
+      reduction; a list gives one per model chunk. Entered before the first backward and left before
+      the last backward of the step (per chunk when it is a list), so the reduction runs once.
+    * ``grad_sync_func(params)``: after a chunk's last backward; a list gives one per chunk.
+    * ``param_sync_func(params)``: before a chunk's first forward; a list gives one per chunk.
+    * ``finalize_model_grads_func(model_chunks, num_tokens)``: once, after all backwards.
+    * ``grad_scale_func(loss)``: scales the loss on the last stage before its backward.
+    * ``observer(event)``: told every action and exchange as it completes (:class:`ScheduleEvent`).
+    """
+
+    hidden_size: int | None = None
+    pipeline_dtype: torch.dtype = torch.float32
+    microbatch_group_size_per_vp_stage: int | None = None
+    no_sync_func: Callable[[], contextlib.AbstractContextManager] | list | None = None
+    grad_sync_func: Callable[[Any], None] | list | None = None
+    param_sync_func: Callable[[Any], None] | list | None = None
+    finalize_model_grads_func: Callable[..., None] | None = None
+    grad_scale_func: Callable[[torch.Tensor], torch.Tensor] | None = None
+    observer: Callable[[ScheduleEvent], None] | None = None
+
+
+_DEFAULTS = {f.name: f.default for f in fields(PipelineConfig)}
+
+
+def resolve_config(config: Any, model_chunks: list) -> PipelineConfig:
+    """A :class:`PipelineConfig` read from ``config``, or from ``model_chunks[0].config`` when ``None``.
+
+    Only our field names are read; everything else on a Megatron config is ignored.
+    """
+    if config is None:
+        config = getattr(model_chunks[0], "config", None) if model_chunks else None
+    if config is None:
+        return PipelineConfig()
+    if isinstance(config, PipelineConfig):
+        return config
+    return PipelineConfig(**{name: getattr(config, name, default) for name, default in _DEFAULTS.items()})

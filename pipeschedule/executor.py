@@ -1,0 +1,255 @@
+"""Runs one rank's :class:`~pipeschedule.plan.RankPlan`: its actions and exchanges, in order.
+
+The executor makes no scheduling decision of its own; the plan says what runs and which batch
+carries which message. What it adds is the bookkeeping between them:
+
+* ``inbox``: received tensors waiting for the action that consumes them (with the interleaved
+  group size ``G > p`` some activations arrive a few steps early);
+* ``outbox``: tensors produced by an action, waiting for the exchange that sends them;
+* ``saved``: each forward's input and output, kept for its backward.
+
+All three are empty again when a step ends; anything left over is a bug and raises.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeschedule.config import PipelineConfig, ScheduleEvent
+from pipeschedule.p2p import Neighbours, TensorSpec, exchange
+from pipeschedule.plan import Action, Exchange, Message, RankPlan
+from pipeschedule.sync import GradSync
+
+
+def _set_input(chunk: torch.nn.Module, tensor: torch.Tensor | None) -> None:
+    # Wrappers such as DistributedDataParallel keep the user's module in ``.module``.
+    target = chunk
+    while not hasattr(target, "set_input_tensor") and hasattr(target, "module"):
+        target = target.module
+    setter = getattr(target, "set_input_tensor", None)
+    if setter is not None:
+        setter(tensor)
+    elif tensor is not None:
+        raise TypeError(
+            f"model chunk {type(chunk).__name__} has no set_input_tensor(tensor) method, so it cannot take the "
+            f"activation received from the previous stage; add one that stores the tensor for forward()"
+        )
+
+
+class PlanRunner:
+    """Executes ``plan`` once. One instance per call of a schedule function; nothing is shared."""
+
+    def __init__(
+        self,
+        *,
+        plan: RankPlan,
+        link: Neighbours,
+        forward_step_func: Callable,
+        data_iterators: list[Iterator | None],
+        chunks: list[torch.nn.Module],
+        config: PipelineConfig,
+        spec: TensorSpec | None,
+        collect_non_loss_data: bool,
+        sync_last_forward: bool = False,
+    ) -> None:
+        self.plan = plan
+        self.link = link
+        self.forward_step_func = forward_step_func
+        self.data_iterators = data_iterators
+        self.chunks = chunks
+        self.config = config
+        self.spec = spec
+        self.collect_non_loss_data = collect_non_loss_data
+        self.sync = GradSync(config, chunks, plan.actions, sync_last_forward=sync_last_forward)
+        self.inbox: dict[Message, torch.Tensor] = {}
+        self.outbox: dict[Message, torch.Tensor] = {}
+        self.saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self.local: deque[torch.Tensor] = deque()  # messages to this same rank (p = 1, several chunks)
+        self.store: list[Any] = []
+        self.num_tokens: torch.Tensor | None = None
+        self.loss_arity: int | None = None
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def run(self) -> list[Any]:
+        """Run every step; return the reduced loss dicts (last stage) or ``[]``."""
+        try:
+            self._exchange(self.plan.first)
+            for step in self.plan.steps:
+                for action in step.actions:
+                    self._timed_action(action)
+                self._exchange(step.exchange)
+        finally:
+            self.sync.close()
+        leftovers = {"inbox": self.inbox, "outbox": self.outbox, "saved": self.saved}
+        if any(leftovers.values()):
+            raise RuntimeError(f"the step ended with unconsumed tensors: { {k: list(v) for k, v in leftovers.items() if v} }")
+        if not self.plan.forward_only:
+            self._normalise_per_token()
+            if self.config.finalize_model_grads_func is not None:
+                # Gradients are already normalised, so a Megatron finalize must not scale them again.
+                self.config.finalize_model_grads_func(self.chunks, None)
+        return self.store if self._is_last(self.plan.v - 1) else []
+
+    def _timed_action(self, action: Action) -> None:
+        observer = self.config.observer
+        start = time.perf_counter() if observer else 0.0
+        self.sync.before(action)
+        with torch.profiler.record_function(f"pipeschedule.{action.label(self.plan.v)}"):
+            if action.kind == "F":
+                self._forward(action)
+            else:
+                self._backward(action)
+        self.sync.after(action)
+        if observer:
+            observer(ScheduleEvent(self.link.rank, "action", action, None, start, time.perf_counter()))
+
+    def _is_last(self, chunk: int) -> bool:
+        return self.plan.stage(chunk) == self.plan.num_stages - 1
+
+    # -- forward and backward ----------------------------------------------------------------
+
+    def _forward(self, action: Action) -> None:
+        chunk = action.chunk
+        msg = self.plan.input_message(action)
+        input_tensor = None if msg is None else self.inbox.pop(msg)
+        if input_tensor is not None and not self.plan.forward_only:
+            input_tensor.requires_grad_(True)
+        _set_input(self.chunks[chunk], input_tensor)
+        with torch.no_grad() if self.plan.forward_only else torch.enable_grad():
+            result = self.forward_step_func(self.data_iterators[chunk], self.chunks[chunk])
+            output, loss_func = _check_forward_result(result, self.plan.stage(chunk))
+            if self._is_last(chunk):
+                output = self._loss(output, loss_func)
+        out_msg = self.plan.output_message(action)
+        if out_msg is not None:
+            self._check_activation(output, action)
+            self.outbox[out_msg] = output.detach()
+        if not self.plan.forward_only:
+            self.saved[(action.microbatch, chunk)] = (input_tensor, output)
+
+    def _loss(self, output: torch.Tensor, loss_func: Callable) -> torch.Tensor:
+        if self.collect_non_loss_data:
+            self.store.append(loss_func(output, non_loss_data=True))
+            return output
+        result = loss_func(output)
+        if not isinstance(result, (tuple, list)) or len(result) not in (2, 3):
+            raise TypeError(
+                f"loss_func must return (loss, reduced_dict) or (loss, num_tokens, reduced_dict), got "
+                f"{type(result).__name__}{f' of length {len(result)}' if isinstance(result, (tuple, list)) else ''}"
+            )
+        if self.loss_arity not in (None, len(result)):
+            raise ValueError(
+                f"loss_func returned {self.loss_arity} items for an earlier microbatch and {len(result)} now; "
+                f"return the same form for every microbatch of a step"
+            )
+        self.loss_arity = len(result)
+        if len(result) == 3:
+            # Per-token loss: the total token count is known only after the last microbatch, so
+            # gradients are divided by it once at the end of the step (see _normalise_per_token).
+            loss, num_tokens, reduced = result
+            tokens = torch.as_tensor(num_tokens, dtype=torch.float64).detach().reshape(())
+            self.num_tokens = tokens if self.num_tokens is None else self.num_tokens + tokens
+        else:
+            loss, reduced = result
+            loss = loss / self.plan.m
+        self.store.append(reduced)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError(f"loss_func's loss must be a tensor with one element, got {_describe(loss)}")
+        if self.config.grad_scale_func is not None and not self.plan.forward_only:
+            loss = self.config.grad_scale_func(loss)
+        return loss
+
+    def _backward(self, action: Action) -> None:
+        input_tensor, output = self.saved.pop((action.microbatch, action.chunk))
+        msg = self.plan.input_message(action)
+        output_grad = None if msg is None else self.inbox.pop(msg)
+        torch.autograd.backward(output, grad_tensors=output_grad)
+        out_msg = self.plan.output_message(action)
+        if out_msg is not None:
+            grad = input_tensor.grad
+            # A chunk that ignores its input still owes the previous stage a gradient: zero.
+            self.outbox[out_msg] = torch.zeros_like(input_tensor) if grad is None else grad
+
+    def _check_activation(self, output: torch.Tensor, action: Action) -> None:
+        if self.spec is None:
+            return
+        if tuple(output.shape) != self.spec.shape or output.dtype != self.spec.dtype:
+            raise ValueError(
+                f"stage {self.plan.stage(action.chunk)} produced an activation of shape {tuple(output.shape)} and "
+                f"dtype {output.dtype} for microbatch {action.microbatch}, but the pipeline sends "
+                f"{self.spec.shape} of {self.spec.dtype}; make the chunk return that shape, or pass the right "
+                f"seq_length/micro_batch_size/hidden_size, tensor_shape or pipeline_dtype"
+            )
+        if not output.is_contiguous():
+            raise ValueError(
+                f"stage {self.plan.stage(action.chunk)} returned a non-contiguous activation for microbatch "
+                f"{action.microbatch}; return output.contiguous()"
+            )
+
+    # -- communication -------------------------------------------------------------------------
+
+    def _exchange(self, ex: Exchange) -> None:
+        if not ex:
+            return
+        observer = self.config.observer
+        start = time.perf_counter() if observer else 0.0
+        p = self.plan.p
+        if p == 1:
+            # Every neighbour is this rank: hand the tensors over directly, as copies, so a chunk
+            # cannot alias the previous chunk's saved output.
+            self.local.extend(self.outbox.pop(msg).clone() for msg in ex.sends)
+            got = [self.local.popleft() for _ in ex.recvs]
+        else:
+            sends = [(self.outbox.pop(msg), msg.dst_stage % p) for msg in ex.sends]
+            got = exchange(self.link, sends=sends, recvs=[(self.spec, msg.src_stage % p) for msg in ex.recvs])
+        self.inbox.update(zip(ex.recvs, got))
+        if observer:
+            observer(ScheduleEvent(self.link.rank, "exchange", None, ex, start, time.perf_counter()))
+
+    def _normalise_per_token(self) -> None:
+        """With per-token losses, divide every gradient by the step's total token count.
+
+        Only the last stage knows the count, so it is broadcast over the pipeline group (every
+        rank joins, with 0 meaning "losses were already divided by m").
+        """
+        total = self.num_tokens if self.num_tokens is not None else torch.zeros((), dtype=torch.float64)
+        if self.plan.p > 1:
+            device = self.spec.device if self.spec is not None else torch.device("cpu")
+            buf = total.reshape(1).to(device)
+            dist.broadcast(buf, group=self.link.group, group_src=self.plan.p - 1)
+            total = buf.cpu()[0]
+        if float(total) <= 0:
+            return
+        for chunk in self.chunks:
+            for param in chunk.parameters():
+                if param.grad is not None:
+                    param.grad.div_(total.to(param.grad.dtype))
+
+
+def _check_forward_result(result: Any, stage: int) -> tuple[torch.Tensor, Callable]:
+    if (
+        not isinstance(result, (tuple, list))
+        or len(result) != 2
+        or not isinstance(result[0], torch.Tensor)
+        or not callable(result[1])
+    ):
+        raise TypeError(
+            f"forward_step_func must return (output_tensor, loss_func) with a tensor and a callable, but on "
+            f"stage {stage} it returned {_describe(result)}"
+        )
+    return result[0], result[1]
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of ({', '.join(type(x).__name__ for x in value)})"
+    return f"{type(value).__name__} {value!r}"[:200]

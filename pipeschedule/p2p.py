@@ -1,0 +1,180 @@
+"""Point-to-point communication between neighbouring pipeline ranks.
+
+Every transfer goes through one primitive, :func:`exchange`: a list of sends and receives posted as
+one ``torch.distributed.batch_isend_irecv`` batch and waited on together. Posting both directions
+in one batch is what keeps criss-crossed sends (rank ``r`` sending forward while rank ``r + 1``
+sends backward) from deadlocking.
+
+Messages between one pair of ranks are matched in posting order (NCCL ignores tags, and we use
+one tag everywhere so that gloo behaves the same and an ordering bug shows up in CPU tests too).
+The direction-named helpers therefore always post activation traffic before gradient traffic;
+with ``p = 2`` the previous and the next rank are one rank, and this fixed order is what sends
+each tensor to the buffer meant for it.
+
+Nothing here is specific to a device: buffers are made on the device the caller names, so gloo on
+CPU and NCCL on GPU run the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "Neighbours",
+    "TensorSpec",
+    "exchange",
+    "recv_backward",
+    "recv_forward",
+    "send_backward",
+    "send_backward_recv_backward",
+    "send_backward_recv_forward",
+    "send_forward",
+    "send_forward_backward_recv_forward_backward",
+    "send_forward_recv_backward",
+    "send_forward_recv_forward",
+]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape, dtype and device of a tensor to receive."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    def empty(self) -> torch.Tensor:
+        return torch.empty(self.shape, dtype=self.dtype, device=self.device)
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """This rank's place in the pipeline process group. Ranks here are *group* ranks.
+
+    ``prev`` and ``next`` wrap around: the last rank's next is rank 0, which is where interleaved
+    schedules hand chunk ``c``'s output to chunk ``c + 1``.
+    """
+
+    group: dist.ProcessGroup | None
+    rank: int
+    size: int
+
+    @property
+    def prev(self) -> int:
+        return (self.rank - 1) % self.size
+
+    @property
+    def next(self) -> int:
+        return (self.rank + 1) % self.size
+
+    @classmethod
+    def of(cls, group: dist.ProcessGroup | None = None) -> Neighbours:
+        """The neighbours in ``group`` (the default group when ``None``).
+
+        Without an initialised process group and with ``group=None`` this is a pipeline of one rank,
+        so a single process can run any schedule with no ``torch.distributed`` set-up.
+        """
+        if group is None and not dist.is_initialized():
+            return cls(group=None, rank=0, size=1)
+        rank = dist.get_rank(group)
+        if rank < 0:
+            raise ValueError(
+                f"this process (global rank {dist.get_rank()}) is not a member of the pipeline group "
+                f"it was given; call the schedule only on the group's ranks, or pass the right group"
+            )
+        return cls(group=group, rank=rank, size=dist.get_world_size(group))
+
+
+def exchange(
+    link: Neighbours,
+    *,
+    sends: Sequence[tuple[torch.Tensor, int]] = (),
+    recvs: Sequence[tuple[TensorSpec, int]] = (),
+) -> list[torch.Tensor]:
+    """Post ``sends`` (tensor, group rank) and ``recvs`` (spec, group rank) as one batch; wait for all.
+
+    Returns the received tensors in the order of ``recvs``. Operations towards one peer in one
+    direction are posted in the order given, and the peer must post its side in the same order.
+    """
+    buffers = [spec.empty() for spec, _ in recvs]
+    ops = [dist.P2POp(dist.isend, tensor, group=link.group, group_peer=peer) for tensor, peer in sends]
+    ops += [dist.P2POp(dist.irecv, buf, group=link.group, group_peer=peer) for buf, (_, peer) in zip(buffers, recvs)]
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+    return buffers
+
+
+# The direction-named helpers. Activations go to the next rank and come from the previous one;
+# gradients go to the previous rank and come from the next one. Each helper lists activation
+# traffic first (see the module docstring for why the order matters).
+
+
+def _with_neighbours(
+    link: Neighbours,
+    *,
+    send_next: torch.Tensor | None = None,
+    send_prev: torch.Tensor | None = None,
+    recv_prev: TensorSpec | None = None,
+    recv_next: TensorSpec | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    sends = [(t, peer) for t, peer in ((send_next, link.next), (send_prev, link.prev)) if t is not None]
+    recvs = [(s, peer) for s, peer in ((recv_prev, link.prev), (recv_next, link.next)) if s is not None]
+    got = iter(exchange(link, sends=sends, recvs=recvs))
+    return (next(got) if recv_prev is not None else None), (next(got) if recv_next is not None else None)
+
+
+def recv_forward(link: Neighbours, spec: TensorSpec) -> torch.Tensor:
+    """Receive an activation from the previous rank."""
+    return _with_neighbours(link, recv_prev=spec)[0]
+
+
+def recv_backward(link: Neighbours, spec: TensorSpec) -> torch.Tensor:
+    """Receive a gradient from the next rank."""
+    return _with_neighbours(link, recv_next=spec)[1]
+
+
+def send_forward(link: Neighbours, output: torch.Tensor) -> None:
+    """Send an activation to the next rank."""
+    _with_neighbours(link, send_next=output)
+
+
+def send_backward(link: Neighbours, input_grad: torch.Tensor) -> None:
+    """Send a gradient to the previous rank."""
+    _with_neighbours(link, send_prev=input_grad)
+
+
+def send_forward_recv_backward(link: Neighbours, output: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
+    """Send an activation to the next rank and receive a gradient from it, in one batch."""
+    return _with_neighbours(link, send_next=output, recv_next=spec)[1]
+
+
+def send_backward_recv_forward(link: Neighbours, input_grad: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
+    """Send a gradient to the previous rank and receive an activation from it, in one batch."""
+    return _with_neighbours(link, send_prev=input_grad, recv_prev=spec)[0]
+
+
+def send_forward_recv_forward(link: Neighbours, output: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
+    """Send an activation to the next rank and receive one from the previous rank, in one batch."""
+    return _with_neighbours(link, send_next=output, recv_prev=spec)[0]
+
+
+def send_backward_recv_backward(link: Neighbours, input_grad: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
+    """Send a gradient to the previous rank and receive one from the next rank, in one batch."""
+    return _with_neighbours(link, send_prev=input_grad, recv_next=spec)[1]
+
+
+def send_forward_backward_recv_forward_backward(
+    link: Neighbours,
+    output: torch.Tensor | None,
+    input_grad: torch.Tensor | None,
+    *,
+    recv_prev: TensorSpec | None,
+    recv_next: TensorSpec | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Both directions at once: returns (activation from the previous rank, gradient from the next)."""
+    return _with_neighbours(link, send_next=output, send_prev=input_grad, recv_prev=recv_prev, recv_next=recv_next)
