@@ -1,0 +1,74 @@
+"""The schedules on real gloo process groups: exact gradients and the planned order, per rank."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cases import Case, reference, run_case
+from pool import JobError
+
+from pipeschedule.plan import build_plan
+
+GROUP_FOR_P = {2: ["0-1", "2-3"], 3: ["1-3", "0-2"], 4: ["all"]}
+
+
+@st.composite
+def cases(draw):
+    p = draw(st.integers(2, 4))
+    schedule = draw(st.sampled_from(["1f1b", "interleaved"]))
+    v = draw(st.integers(2, 3)) if schedule == "interleaved" else 1
+    m = draw(st.integers(p if v > 1 else 1, 12))
+    group_size = None
+    if v > 1 and draw(st.booleans()):
+        group_size = draw(st.sampled_from([g for g in range(p, m + 1) if m % g == 0 or m % g >= p]))
+    return Case(
+        schedule=schedule, p=p, v=v, m=m, group=draw(st.sampled_from(GROUP_FOR_P[p])),
+        forward_only=draw(st.booleans()), loss_arity=draw(st.sampled_from([2, 3])),
+        group_size=group_size, seed=draw(st.integers(0, 1000)),
+    )
+
+
+def check_against_reference(case, results):
+    errors = {rank: out for rank, out in results.items() if isinstance(out, JobError)}
+    assert not errors, next(iter(errors.values())).traceback
+    ran = [out for out in results.values() if out is not None]
+    assert sorted(out["group_rank"] for out in ran) == list(range(case.p))
+    ref = reference(case)
+    for out in ran:
+        r = out["group_rank"]
+        # Losses only on the last stage, equal to the reference's bit for bit.
+        assert out["losses"] == (ref["losses"] if r == case.p - 1 else [])
+        # The actions that ran, with their phases, are exactly the plan's.
+        plan = build_plan(p=case.p, r=r, v=case.v, m=case.m, forward_only=case.forward_only, group_size=case.group_size)
+        assert out["actions"] == [(a.kind, a.microbatch, a.chunk, a.phase) for a in plan.actions]
+        if case.forward_only:
+            assert out["grads"] == {}
+            continue
+        assert sorted(out["grads"]) == [c * case.p + r for c in range(case.v)]
+        for stage, grads in out["grads"].items():
+            for got, want in zip(grads, ref["grads"][stage], strict=True):
+                assert np.max(np.abs(got - want)) <= 1e-12, (stage, got, want)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=cases())
+def test_exact_gradients_and_planned_order(pool, case):
+    check_against_reference(case, pool.run(run_case, case))
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case("interleaved", p=2, v=2, m=4, group="2-3"),  # p = 2: both neighbours are one rank
+        Case("interleaved", p=2, v=3, m=5, group="0-1"),  # p = 2 with G = 5 > p
+        Case("interleaved", p=4, v=2, m=8),  # the classic setting
+        Case("interleaved", p=4, v=3, m=6, loss_arity=3),  # m % p != 0, per-token loss
+        Case("interleaved", p=3, v=2, m=3, group="1-3"),  # m == p
+        Case("1f1b", p=4, v=1, m=1),  # fewer microbatches than ranks
+        Case("1f1b", p=4, v=1, m=7, forward_only=True),
+    ],
+    ids=lambda c: f"{c.schedule}-p{c.p}-v{c.v}-m{c.m}-{c.group}",
+)
+def test_named_configurations(pool, case):
+    check_against_reference(case, pool.run(run_case, case))
