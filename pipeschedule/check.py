@@ -107,20 +107,20 @@ def check_pipeline(plans: list[RankPlan]) -> None:
                 return False
         return True
 
+    # Advance ranks until none can: a rank is looked at again only when a neighbour has posted.
     for rank in range(p):
         post(rank)
-    progress = True
-    while progress:
-        progress = False
-        for rank in range(p):
-            while position[rank] < len(numbered[rank]) and complete(rank):
-                position[rank] += 1
-                progress = True
-                if position[rank] < len(numbered[rank]):
-                    post(rank)
+    pending = list(range(p))
+    while pending:
+        rank = pending.pop()
+        while position[rank] < len(numbered[rank]) and complete(rank):
+            position[rank] += 1
+            if position[rank] < len(numbered[rank]):
+                post(rank)
+                pending.extend(peer for _, channel, _ in numbered[rank][position[rank]] for peer in channel if peer != rank)
     stuck = {rank: position[rank] for rank in range(p) if position[rank] < len(numbered[rank])}
     if stuck:
-        marks = {rank: sum(len(s.actions) for s in plans[rank].steps[: max(i - 1, 0)]) for rank, i in stuck.items()}
+        marks = {rank: sum(len(s.actions) for s in plans[rank].steps[:i]) for rank, i in stuck.items()}
         raise PlanError(
             f"the plan deadlocks: ranks {sorted(stuck)} wait forever at the marked steps\n"
             f"{render_grid(plans, marks=marks)}"

@@ -22,6 +22,7 @@ meets its receive in posting order and that no rank waits forever.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -293,6 +294,66 @@ def _sent_at(p: int, r: int, v: int, groups: list[tuple[Action, ...]]) -> dict[M
     return where
 
 
+def _rank_plan(
+    p: int, r: int, v: int, m: int, forward_only: bool, g: int,
+    *, all_groups: list[list[tuple[Action, ...]]], sent_at: list[dict[Message, tuple[int, int]]], lockstep: bool,
+) -> RankPlan:
+    groups = all_groups[r]
+    stages = p * v
+    prev, nxt = (r - 1) % p, (r + 1) % p
+
+    # The exchange that receives each input: just before its consumer, or, in lockstep, at the
+    # pipeline time its sender sends it if that is earlier.
+    placed: dict[Message, int] = {}
+    for i, group in enumerate(groups):
+        for action in group:
+            msg = _input_message(action, p, r, stages)
+            if msg is not None:
+                sender = msg.src_stage % p
+                placed[msg] = max(0, min(i, sent_at[sender][msg][0] + sender - r)) if lockstep else i
+    # A receive may not come after a later message from the same sender: pull it earlier.
+    for sender in {prev, nxt}:
+        on_channel = sorted((x for x in placed if x.src_stage % p == sender), key=lambda x: sent_at[sender][x])
+        for earlier, later in zip(reversed(on_channel[:-1]), reversed(on_channel[1:])):
+            placed[earlier] = min(placed[earlier], placed[later])
+
+    recvs: list[list[Message]] = [[] for _ in range(len(groups) + 1)]
+    for msg in sorted(placed, key=lambda x: (x.src_stage % p, sent_at[x.src_stage % p][x])):
+        recvs[placed[msg]].append(msg)
+    sends: list[list[Message]] = [[] for _ in range(len(groups) + 1)]
+    for msg, (i, _) in sorted(sent_at[r].items(), key=lambda item: item[1]):
+        sends[i].append(msg)
+    exchanges = [Exchange(sends=tuple(s), recvs=tuple(x)) for s, x in zip(sends, recvs)]
+    return RankPlan(
+        p=p, r=r, v=v, m=m, forward_only=forward_only, group_size=g,
+        counts=phase_counts(p=p, r=r, v=v, m=m, forward_only=forward_only, group_size=g),
+        first=exchanges[0],
+        steps=tuple(Step(actions=group, exchange=ex) for group, ex in zip(groups, exchanges[1:])),
+    )
+
+
+@functools.lru_cache(maxsize=128)
+def _pipeline(p: int, v: int, m: int, forward_only: bool, g: int) -> tuple[RankPlan, ...]:
+    # check.py and simulate.py build on this module, hence the late imports.
+    from pipeschedule.check import PlanError, check_pipeline
+    from pipeschedule.simulate import CostModel, simulate
+
+    groups = [_step_groups(p, r, v, m, forward_only, g) for r in range(p)]
+    shared = {"all_groups": groups, "sent_at": [_sent_at(p, r, v, groups[r]) for r in range(p)]}
+    candidates = []
+    for lockstep in (False, True):
+        plans = tuple(_rank_plan(p, r, v, m, forward_only, g, **shared, lockstep=lockstep) for r in range(p))
+        try:
+            check_pipeline(list(plans))
+        except PlanError:
+            continue
+        # A backward costs about twice a forward; the choice is the same for most ratios.
+        candidates.append((simulate(list(plans), cost=CostModel(tf=1.0, tb=2.0)).step_time, lockstep, plans))
+    if not candidates:
+        raise PlanError(f"no deadlock-free placement of the exchanges for p={p}, v={v}, m={m}, G={g}")
+    return min(candidates, key=lambda c: c[:2])[2]
+
+
 def build_plan(
     *, p: int, r: int, v: int = 1, m: int, forward_only: bool = False, group_size: int | None = None
 ) -> RankPlan:
@@ -306,53 +367,26 @@ def build_plan(
     exists. Interleaving runs a steady forward and backward as one step with one exchange, which
     keeps all ranks in lockstep: exchange ``i`` of rank ``r`` happens at pipeline time ``i + r``.
 
-    Sends leave in the exchange right after the step that produced them. A receive is posted at
-    the pipeline time its sender posts the send, or earlier if the step that consumes it comes
-    first; with the classic group size ``G = p`` both are the exchange right before the consumer
-    (Megatron's placement). With ``G > p`` some activations arrive before they are needed and wait
-    in the receiver's inbox: receiving them late instead would leave their sender blocked while
-    the receiver waits on that sender's neighbours, a deadlock.
-    Receives from one rank are posted in the order that rank sends, so tensors land in the
-    right buffers even when both neighbours are one rank (``p = 2``).
+    Sends leave in the exchange right after the step that produced them. Receives have two
+    placements: *just in time*, in the exchange right before the consuming step (Megatron's), and
+    *lockstep*, at the pipeline time the sender sends, the early tensor waiting in the receiver's
+    inbox. With an interleaved group size ``G > p`` just in time can deadlock: an activation for
+    rank 0's next chunk is ready before rank 0 wants it, and its sender blocks while rank 0 waits
+    on that sender's neighbours. Of the placements that :func:`pipeschedule.check.check_pipeline`
+    proves deadlock-free, the plan takes the one with the shorter simulated step (ties: just in
+    time, which is every 1F1B plan and every interleaved plan with ``G = p``).
+    Receives from one rank are posted in the order that rank sends, so tensors land in the right
+    buffers even when both neighbours are one rank (``p = 2``).
     """
-    counts = phase_counts(p=p, r=r, v=v, m=m, forward_only=forward_only, group_size=group_size)
+    _check_sizes(p, r, v, m)
     g = choose_group_size(p=p, m=m, v=v, requested=group_size)
-    groups = _step_groups(p, r, v, m, forward_only, g)
-    stages = p * v
-    prev, nxt = (r - 1) % p, (r + 1) % p
-    sent_at = {q: _sent_at(p, q, v, _step_groups(p, q, v, m, forward_only, g)) for q in {prev, nxt}}
-
-    # Where each input is received: the latest exchange allowed by its consumer and by lockstep.
-    placed: dict[Message, int] = {}
-    for i, group in enumerate(groups):
-        for action in group:
-            msg = _input_message(action, p, r, stages)
-            if msg is not None:
-                sender = msg.src_stage % p
-                placed[msg] = max(0, min(i, sent_at[sender][msg][0] + sender - r))
-    # A receive may not come after a later message from the same sender: pull it earlier.
-    for sender in {prev, nxt}:
-        on_channel = sorted((m for m in placed if m.src_stage % p == sender), key=lambda m: sent_at[sender][m])
-        for earlier, later in zip(reversed(on_channel[:-1]), reversed(on_channel[1:])):
-            placed[earlier] = min(placed[earlier], placed[later])
-
-    recvs: list[list[Message]] = [[] for _ in range(len(groups) + 1)]
-    for msg in sorted(placed, key=lambda m: (m.src_stage % p, sent_at[m.src_stage % p][m])):
-        recvs[placed[msg]].append(msg)
-    sends = [[]] + [
-        sorted((msg for a in group if (msg := _output_message(a, p, r, stages))), key=lambda x: x.kind != "act")
-        for group in groups
-    ]
-    exchanges = [Exchange(sends=tuple(s), recvs=tuple(x)) for s, x in zip(sends, recvs)]
-    return RankPlan(
-        p=p, r=r, v=v, m=m, forward_only=forward_only, group_size=g, counts=counts,
-        first=exchanges[0],
-        steps=tuple(Step(actions=group, exchange=ex) for group, ex in zip(groups, exchanges[1:])),
-    )
+    return _pipeline(p, v, m, bool(forward_only), g)[r]
 
 
 def build_pipeline(
     *, p: int, v: int = 1, m: int, forward_only: bool = False, group_size: int | None = None
 ) -> list[RankPlan]:
     """The plans of all ``p`` ranks, indexed by rank."""
-    return [build_plan(p=p, r=r, v=v, m=m, forward_only=forward_only, group_size=group_size) for r in range(p)]
+    _check_sizes(p, 0, v, m)
+    g = choose_group_size(p=p, m=m, v=v, requested=group_size)
+    return list(_pipeline(p, v, m, bool(forward_only), g))

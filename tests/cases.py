@@ -188,3 +188,18 @@ def run_case(case: Case, rank: int, groups: dict) -> dict[str, Any] | None:
         "grads": {} if case.forward_only else {c.stage: [p.grad.numpy().copy() for p in c.parameters()] for c in chunks},
         "actions": [(e.action.kind, e.action.microbatch, e.action.chunk, e.action.phase) for e in events if e.what == "action"],
     }
+
+
+def chosen_schedules(_arg: Any, rank: int, groups: dict) -> dict[str, list[str]]:
+    """Which function get_forward_backward_func picks on each group this rank belongs to."""
+    import pipeschedule as ps
+    from pool import GROUPS
+
+    def name(func) -> str:
+        return getattr(func, "func", func).__name__  # bound to a group: a functools.partial
+
+    return {
+        group: [name(ps.get_forward_backward_func(vp, groups[group])) for vp in (None, 1, 2)]
+        for group, ranks in GROUPS.items()
+        if rank in ranks
+    }

@@ -72,3 +72,14 @@ def test_exact_gradients_and_planned_order(pool, case):
 )
 def test_named_configurations(pool, case):
     check_against_reference(case, pool.run(run_case, case))
+
+
+def test_get_forward_backward_func_follows_the_group(pool):
+    from cases import chosen_schedules
+
+    results = pool.run(chosen_schedules, None)
+    plain, interleaved = "forward_backward_pipelining_without_interleaving", "forward_backward_pipelining_with_interleaving"
+    for rank, picked in results.items():
+        assert not isinstance(picked, JobError), picked
+        for group in picked:
+            assert picked[group] == [plain, plain, interleaved]

@@ -1,0 +1,173 @@
+"""Loss handling and the data-parallel hooks, on one process (a pipeline of one rank)."""
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+
+import pipeschedule as ps
+from cases import Batches, Case, Stage, forward_step, reference
+
+
+class Recorder:
+    """Tracks whether a no_sync context is open while each forward and backward runs."""
+
+    def __init__(self, chunks):
+        self.open: set[int] = set()
+        self.log: list[tuple] = []
+        for c, chunk in enumerate(chunks):
+            chunk.register_forward_pre_hook(lambda mod, args, c=c: self.log.append(("F", c, frozenset(self.open))))
+            chunk.weight.register_hook(lambda grad, c=c: self.log.append(("B", c, frozenset(self.open))) or grad)
+
+    def no_sync(self, key):
+        @contextlib.contextmanager
+        def context():
+            self.open.add(key)
+            try:
+                yield
+            finally:
+                self.open.discard(key)
+
+        return context
+
+
+def run(schedule_name, case, config_kwargs, chunks=None):
+    chunks = chunks or [Stage(s, case.v, case.seed) for s in range(case.v)]
+    config = ps.PipelineConfig(**config_kwargs)
+    func = {
+        "none": ps.forward_backward_no_pipelining,
+        "1f1b": ps.forward_backward_pipelining_without_interleaving,
+        "interleaved": ps.forward_backward_pipelining_with_interleaving,
+    }[schedule_name]
+    model = chunks if schedule_name == "interleaved" else chunks[0]
+    data = [Batches(case) for _ in chunks] if schedule_name == "interleaved" else Batches(case)
+    out = func(forward_step_func=forward_step, data_iterator=data, model=model, num_microbatches=case.m,
+               forward_only=case.forward_only, config=config)
+    return out, chunks
+
+
+def test_no_pipelining_runs_all_but_the_last_microbatch_under_no_sync():
+    case = Case("none", p=1, v=1, m=4)
+    chunks = [Stage(0, 1, 0)]
+    rec = Recorder(chunks)
+    run("none", case, {"no_sync_func": rec.no_sync("all")}, chunks)
+    inside = [(kind, bool(state)) for kind, _, state in rec.log]
+    assert inside == [("F", True), ("B", True)] * 3 + [("F", False), ("B", False)]
+
+
+def test_one_no_sync_for_all_chunks_is_left_before_the_last_backward():
+    case = Case("interleaved", p=1, v=3, m=2)
+    chunks = [Stage(s, 3, 0) for s in range(3)]
+    rec = Recorder(chunks)
+    run("interleaved", case, {"no_sync_func": rec.no_sync("all")}, chunks)
+    assert [bool(state) for _, _, state in rec.log] == [True] * (len(rec.log) - 1) + [False]
+
+
+def test_per_chunk_no_sync_and_grad_sync_run_once_per_chunk_after_its_last_backward():
+    case = Case("interleaved", p=1, v=3, m=3)
+    chunks = [Stage(s, 3, 0) for s in range(3)]
+    rec = Recorder(chunks)
+    synced, params_synced, finalized = [], [], []
+
+    def grad_sync(params):
+        params = list(params)
+        chunk = next(c for c, ch in enumerate(chunks) if ch.weight is params[0])
+        synced.append((chunk, len(rec.log)))
+
+    out, _ = run(
+        "interleaved", case,
+        {
+            "no_sync_func": [rec.no_sync(c) for c in range(3)],
+            "grad_sync_func": grad_sync,
+            "param_sync_func": lambda params: params_synced.append(len(rec.log)),
+            "finalize_model_grads_func": lambda model, num_tokens: finalized.append((len(model), num_tokens, len(rec.log))),
+        },
+        chunks,
+    )
+    backwards = [(i, c, state) for i, (kind, c, state) in enumerate(rec.log) if kind == "B"]
+    for c in range(3):
+        mine = [(i, state) for i, cc, state in backwards if cc == c]
+        # Every backward of chunk c but its last runs with chunk c's context open.
+        assert all(c in state for _, state in mine[:-1]) and c not in mine[-1][1]
+        # Its grad sync comes right after its last backward, once.
+        assert [n for cc, n in synced if cc == c] == [mine[-1][0] + 1]
+    # Each chunk's parameters are synced before its first forward.
+    assert params_synced == [i for i, (kind, c, _) in enumerate(rec.log) if kind == "F" and c == 0][:1] + [
+        [i for i, (kind, cc, _) in enumerate(rec.log) if kind == "F" and cc == c][0] for c in (1, 2)
+    ]
+    assert finalized == [(3, None, len(rec.log))]
+    assert len(out) == 3
+
+
+def test_hooks_do_not_run_forward_only():
+    case = Case("interleaved", p=1, v=2, m=2, forward_only=True)
+    chunks = [Stage(s, 2, 0) for s in range(2)]
+    rec = Recorder(chunks)
+    calls = []
+    out, _ = run("interleaved", case, {"no_sync_func": rec.no_sync("all"), "grad_sync_func": calls.append,
+                                       "finalize_model_grads_func": lambda *a: calls.append(a)}, chunks)
+    assert calls == [] and not any(state for _, _, state in rec.log) and all(c.weight.grad is None for c in chunks)
+    assert [d["loss"].item() for d in out] == reference(case)["losses"]
+
+
+@pytest.mark.parametrize("arity", [2, 3])
+@pytest.mark.parametrize("schedule", ["none", "1f1b", "interleaved"])
+def test_one_process_gradients_equal_the_reference(schedule, arity):
+    v = 3 if schedule == "interleaved" else 1
+    case = Case(schedule, p=1, v=v, m=5, loss_arity=arity, seed=7)
+    out, chunks = run(schedule, case, {})
+    ref = reference(case)
+    assert [d["loss"].item() for d in out] == ref["losses"]
+    for chunk in chunks:
+        for got, want in zip((p.grad.numpy() for p in chunk.parameters()), ref["grads"][chunk.stage]):
+            assert np.max(np.abs(got - want)) <= 1e-12
+
+
+def test_grad_scale_func_scales_the_loss_before_backward():
+    case = Case("1f1b", p=1, v=1, m=3)
+    _, plain = run("1f1b", case, {})
+    _, scaled = run("1f1b", case, {"grad_scale_func": lambda loss: loss * 8.0})
+    assert torch.equal(scaled[0].weight.grad, plain[0].weight.grad * 8.0)
+
+
+def test_collect_non_loss_data_returns_what_loss_func_gives():
+    case = Case("interleaved", p=1, v=2, m=3, forward_only=True)
+    chunks = [Stage(s, 2, 0) for s in range(2)]
+    data = [Batches(case) for _ in chunks]
+    out = ps.forward_backward_pipelining_with_interleaving(
+        forward_step_func=forward_step, data_iterator=data, model=chunks, num_microbatches=3,
+        forward_only=True, collect_non_loss_data=True,
+    )
+    assert len(out) == 3 and all(set(d) == {"output_sum"} for d in out)
+
+
+def test_observer_sees_every_action_and_exchange():
+    events = []
+    case = Case("interleaved", p=1, v=2, m=2)
+    run("interleaved", case, {"observer": events.append})
+    plan = ps.build_plan(p=1, r=0, v=2, m=2)
+    assert [e.action for e in events if e.what == "action"] == list(plan.actions)
+    assert all(e.end >= e.start for e in events)
+    assert sum(e.what == "exchange" for e in events) == sum(bool(ex) for ex in plan.exchanges)
+
+
+def test_config_falls_back_to_the_first_chunk_and_reads_foreign_objects():
+    class MegatronLike:  # only some of the attribute names, as on another framework's config
+        hidden_size = 4
+        pipeline_dtype = torch.float64
+        grad_scale_func = staticmethod(lambda loss: loss * 2.0)
+
+    case = Case("1f1b", p=1, v=1, m=2)
+    chunk = Stage(0, 1, 0)
+    chunk.config = MegatronLike()
+    _, plain = run("1f1b", case, {})
+    ps.forward_backward_pipelining_without_interleaving(
+        forward_step_func=forward_step, data_iterator=Batches(case), model=[chunk], num_microbatches=2,
+    )
+    assert torch.equal(chunk.weight.grad, plain[0].weight.grad * 2.0)
+
+
+def test_get_forward_backward_func_without_a_process_group():
+    assert ps.get_forward_backward_func() is ps.forward_backward_no_pipelining
+    assert ps.get_forward_backward_func(virtual_pipeline_model_parallel_size=2) is ps.forward_backward_no_pipelining

@@ -1,0 +1,122 @@
+"""Refused input: a clear ValueError/TypeError, raised before any communication."""
+
+import pytest
+import torch
+
+import pipeschedule as ps
+from cases import BATCH, HIDDEN, SEQ, Batches, Case, Stage, forward_step, run_case
+from pool import JobError
+
+
+def call(schedule, *, model, data_iterator, m=4, step=forward_step, **kwargs):
+    return schedule(
+        forward_step_func=step, data_iterator=data_iterator, model=model, num_microbatches=m,
+        seq_length=SEQ, micro_batch_size=BATCH, config=ps.PipelineConfig(hidden_size=HIDDEN, pipeline_dtype=torch.float64),
+        **kwargs,
+    )
+
+
+CASE = Case("1f1b", p=1, v=1, m=4)
+interleaved = ps.forward_backward_pipelining_with_interleaving
+one_f_one_b = ps.forward_backward_pipelining_without_interleaving
+
+
+def test_interleaving_needs_a_list_of_chunks():
+    with pytest.raises(TypeError, match="model as a list with one module per chunk"):
+        call(interleaved, model=Stage(0, 1, 0), data_iterator=[Batches(CASE)])
+
+
+def test_interleaving_needs_a_list_of_iterators():
+    with pytest.raises(TypeError, match="data_iterator as a list"):
+        call(interleaved, model=[Stage(0, 1, 0)], data_iterator=Batches(CASE))
+
+
+def test_iterator_count_must_equal_chunk_count():
+    with pytest.raises(ValueError, match="data_iterator has 1 entries but model has 2 chunks"):
+        call(interleaved, model=[Stage(0, 2, 0), Stage(1, 2, 0)], data_iterator=[Batches(CASE)])
+
+
+def test_one_f_one_b_takes_one_chunk():
+    with pytest.raises(ValueError, match="list of 2.*forward_backward_pipelining_with_interleaving"):
+        call(one_f_one_b, model=[Stage(0, 2, 0), Stage(1, 2, 0)], data_iterator=[Batches(CASE)] * 2)
+
+
+@pytest.mark.parametrize("m", [0, -3, 2.0, True, None])
+def test_num_microbatches_must_be_a_positive_integer(m):
+    with pytest.raises(ValueError, match=f"num_microbatches must be an integer >= 1, got {m!r}"):
+        call(one_f_one_b, model=Stage(0, 1, 0), data_iterator=Batches(CASE), m=m)
+
+
+def test_model_chunks_must_be_modules():
+    with pytest.raises(TypeError, match="model chunk 0 is function"):
+        call(one_f_one_b, model=lambda x: x, data_iterator=Batches(CASE))
+
+
+def test_forward_step_func_must_be_callable():
+    with pytest.raises(TypeError, match="forward_step_func must be callable"):
+        call(one_f_one_b, model=Stage(0, 1, 0), data_iterator=Batches(CASE), step="not a function")
+
+
+def test_forward_step_func_must_return_tensor_and_callable():
+    with pytest.raises(TypeError, match=r"must return \(output_tensor, loss_func\).*returned a tensor of shape \(3, 2, 4\)"):
+        call(one_f_one_b, model=Stage(0, 1, 0), data_iterator=Batches(CASE), step=lambda it, model: forward_step(it, model)[0])
+    with pytest.raises(TypeError, match=r"returned a tuple of \(Tensor, int\)"):
+        call(one_f_one_b, model=Stage(0, 1, 0), data_iterator=Batches(CASE), step=lambda it, model: (forward_step(it, model)[0], 3))
+
+
+def test_loss_func_result_form():
+    def step(it, model):
+        out, _ = forward_step(it, model)
+        return out, lambda o: (o.sum(),)
+
+    with pytest.raises(TypeError, match=r"loss_func must return \(loss, reduced_dict\) or \(loss, num_tokens, reduced_dict\), got tuple of length 1"):
+        call(one_f_one_b, model=Stage(0, 1, 0), data_iterator=Batches(CASE), step=step)
+
+
+def test_loss_form_may_not_change_within_a_step():
+    calls = []
+
+    def step(it, model):
+        out, _ = forward_step(it, model)
+        calls.append(1)
+        if len(calls) == 1:
+            return out, lambda o: (o.sum(), {})
+        return out, lambda o: (o.sum(), 3, {})
+
+    with pytest.raises(ValueError, match="returned 2 items for an earlier microbatch and 3 now"):
+        call(one_f_one_b, model=Stage(0, 1, 0), data_iterator=Batches(CASE), step=step)
+
+
+def test_collect_non_loss_data_needs_forward_only():
+    with pytest.raises(ValueError, match="pass forward_only=True"):
+        call(one_f_one_b, model=Stage(0, 1, 0), data_iterator=Batches(CASE), collect_non_loss_data=True)
+
+
+def test_interleaving_refuses_fewer_microbatches_than_ranks_in_process_groups(pool):
+    case = Case("interleaved", p=4, v=2, m=3)
+    results = pool.run(run_case, case)
+    assert all(isinstance(out, JobError) and out.type_name == "ValueError" for out in results.values())
+    for out in results.values():
+        assert "num_microbatches=3 with p=4" in out.message and "use v=1 (plain 1F1B), or at least 4" in out.message
+
+
+@pytest.mark.parametrize(
+    ("mistake", "kind", "words"),
+    [
+        ({"no_hidden_size": True}, "ValueError", "config.hidden_size not given"),
+        ({"model_chunks": 1}, "ValueError", "data_iterator has 2 entries but model has 1 chunks"),
+        ({"model_chunks": -1}, "TypeError", "model as a list"),
+        ({"iterators": 3}, "ValueError", "data_iterator has 3 entries but model has 2 chunks"),
+        ({"num_microbatches": 0}, "ValueError", "num_microbatches must be an integer >= 1"),
+    ],
+)
+def test_every_rank_refuses_before_communicating(pool, mistake, kind, words):
+    case = Case("interleaved", p=3, v=2, m=6, group="1-3", mistake=mistake)
+    results = pool.run(run_case, case, timeout=30)
+    ran = {rank: out for rank, out in results.items() if out is not None}
+    assert sorted(ran) == [1, 2, 3]
+    for out in ran.values():
+        assert isinstance(out, JobError) and out.type_name == kind and words in out.message, out
+    # Nothing was left in flight: the same workers run a correct step right after.
+    healthy = pool.run(run_case, Case("interleaved", p=3, v=2, m=6, group="1-3"))
+    assert all(not isinstance(out, JobError) for out in healthy.values())
