@@ -13,7 +13,7 @@ from collections import defaultdict
 
 from pipeschedule.plan import Message, RankPlan
 
-__all__ = ["PlanError", "check_pipeline", "peak_live_activations", "render_grid"]
+__all__ = ["PlanError", "check_pipeline", "number_operations", "peak_live_activations", "render_grid"]
 
 
 class PlanError(RuntimeError):
@@ -65,6 +65,29 @@ def _check_matching(plans: list[RankPlan]) -> None:
                 )
 
 
+# One operation of an exchange: "send" or "recv", its (sender, receiver) rank pair, its number there.
+Operation = tuple[str, tuple[int, int], int]
+
+
+def number_operations(plan: RankPlan) -> list[list[Operation]]:
+    """Per exchange of ``plan``, its operations with their channel and their number on it.
+
+    The ``j``-th send from rank ``a`` to rank ``b`` meets the ``j``-th receive that ``b`` posts from
+    ``a``: backends match messages between one pair of ranks in posting order.
+    """
+    seen: dict[tuple[str, tuple[int, int]], int] = defaultdict(int)
+    rows = []
+    for ex in plan.exchanges:
+        ops = [("send", (plan.r, msg.dst_stage % plan.p)) for msg in ex.sends]
+        ops += [("recv", (msg.src_stage % plan.p, plan.r)) for msg in ex.recvs]
+        row = []
+        for op in ops:
+            row.append((op[0], op[1], seen[op]))
+            seen[op] += 1
+        rows.append(row)
+    return rows
+
+
 def check_pipeline(plans: list[RankPlan]) -> None:
     """Raise :class:`PlanError` unless every message meets its receive and no rank can wait forever.
 
@@ -78,20 +101,7 @@ def check_pipeline(plans: list[RankPlan]) -> None:
     # Per directed pair (a, b): how many sends a has posted to b, and how many receives b has posted.
     sends_posted: dict[tuple[int, int], int] = defaultdict(int)
     recvs_posted: dict[tuple[int, int], int] = defaultdict(int)
-    # Per rank and exchange: each operation's channel and its number on that channel.
-    numbered: list[list[list[tuple[str, tuple[int, int], int]]]] = []
-    for plan in plans:
-        seen: dict[tuple[str, tuple[int, int]], int] = defaultdict(int)
-        per_exchange = []
-        for ex in plan.exchanges:
-            ops = [("send", (plan.r, m.dst_stage % p)) for m in ex.sends]
-            ops += [("recv", (m.src_stage % p, plan.r)) for m in ex.recvs]
-            row = []
-            for op in ops:
-                row.append((op[0], op[1], seen[op]))
-                seen[op] += 1
-            per_exchange.append(row)
-        numbered.append(per_exchange)
+    numbered = [number_operations(plan) for plan in plans]
 
     position = [0] * p  # the exchange each rank has posted and waits on
 

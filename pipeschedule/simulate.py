@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import TypeAlias
 
-from pipeschedule.check import PlanError, peak_live_activations, render_grid
+from pipeschedule.check import PlanError, number_operations, peak_live_activations, render_grid
 from pipeschedule.plan import Action, Message, RankPlan
 
 __all__ = ["CostModel", "RankTimeline", "Simulation", "TimedAction", "TimedExchange", "simulate"]
@@ -162,32 +162,13 @@ class _Channel:
         self.recvs: list[tuple[Message, Time]] = []
 
 
-# One operation of an exchange: "send" or "recv", its (sender, receiver) pair, its number there.
-_Op = tuple[str, tuple[int, int], int]
-
-
-def _number_ops(plan: RankPlan, p: int) -> list[list[_Op]]:
-    """Per exchange of ``plan``, its operations numbered on their channel in posting order."""
-    seen: dict[tuple[str, tuple[int, int]], int] = defaultdict(int)
-    rows = []
-    for exchange in plan.exchanges:
-        ops = [("send", (plan.r, m.dst_stage % p)) for m in exchange.sends]
-        ops += [("recv", (m.src_stage % p, plan.r)) for m in exchange.recvs]
-        row = []
-        for op in ops:
-            row.append((op[0], op[1], seen[op]))
-            seen[op] += 1
-        rows.append(row)
-    return rows
-
-
 class _Replay:
     """The state of the replay: what each rank has posted and when its exchanges completed."""
 
     def __init__(self, plans: list[RankPlan], cost: CostModel) -> None:
         self.plans, self.cost, self.p = plans, cost, len(plans)
         self.channels: dict[tuple[int, int], _Channel] = defaultdict(_Channel)
-        self.numbered = [_number_ops(plan, self.p) for plan in plans]
+        self.numbered = [number_operations(plan) for plan in plans]
         self.messages = [[ex.sends + ex.recvs for ex in plan.exchanges] for plan in plans]
         self.position = [0] * self.p  # the exchange each rank has posted and waits on
         self.posted: list[list[Time]] = [[] for _ in plans]
