@@ -104,9 +104,12 @@ def render_summary(simulation: Simulation) -> str:
     return "\n".join(lines)
 
 
-def save_png(simulation: Simulation, *, path: str) -> None:
+def save_png(simulation: Simulation, *, path: str, title: str | None = None, time_unit: str | None = None) -> None:
     """Write the timeline as a PNG: one row per rank, forwards blue and backwards orange, darker
     for later chunks, each box labelled with its microbatch. Needs matplotlib (the ``plot`` extra).
+
+    ``title`` replaces the default (the configuration, step time and bubble); ``time_unit`` names
+    the unit of the times on the axis (measured timelines are drawn in ``"ms"``).
     """
     try:
         # A bare Figure, not pyplot: no display, and no change to the caller's pyplot backend.
@@ -143,15 +146,15 @@ def save_png(simulation: Simulation, *, path: str) -> None:
     ax.set_ylim(simulation.p - 0.5, -0.5)  # rank 0 on top, as pipeline diagrams draw it
     ax.set_yticks(range(simulation.p), [f"rank {r}" for r in range(simulation.p)])
     ax.set_xlim(0, step_time)
-    ax.set_xlabel("time")
+    ax.set_xlabel("time" if time_unit is None else f"time ({time_unit})")
     ax.set_facecolor("#f2f2f2")  # idle time reads as grey gaps between the boxes
-    ax.set_title(
+    default_title = (
         f"p={simulation.p} v={v} m={simulation.m}"
         + (f" G={simulation.group_size}" if v > 1 else "")
         + (" forward-only" if simulation.forward_only else "")
-        + f": step time {step_time:g}, bubble {simulation.bubble_fraction:.1%}",
-        fontsize=10,
+        + f": step time {step_time:g}{'' if time_unit is None else ' ' + time_unit}, bubble {simulation.bubble_fraction:.1%}"
     )
+    ax.set_title(default_title if title is None else title, fontsize=10)
     kinds = ("F",) if simulation.forward_only else ("F", "B")
     handles = [
         Patch(color=shade(kind, chunk), label=("forward" if kind == "F" else "backward") + (f" chunk {chunk}" if v > 1 else ""))

@@ -1,0 +1,163 @@
+"""The trace recorder: what it keeps, the Chrome trace it exports, and the timeline picture."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from cases import BATCH, HIDDEN, SEQ, Batches, Case, Stage, forward_step
+from pool import JobError
+from trace_cases import TracedCase, run_traced
+
+import pipeschedule as ps
+from pipeschedule.config import ScheduleEvent
+from pipeschedule.plan import Action, Exchange, Message, build_plan
+from pipeschedule.trace import PipelineTrace, TraceRecorder
+
+
+def _tracks(chrome: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
+    """Complete events per track, in file order."""
+    out: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for event in chrome["traceEvents"]:
+        if event["ph"] == "X":
+            out[event["tid"]].append(event)
+    return out
+
+
+def _check_chrome(chrome: dict[str, Any], *, p: int) -> dict[int, list[dict[str, Any]]]:
+    """The structure every exported trace has; returns the tracks."""
+    again = json.loads(json.dumps(chrome))  # plain JSON, nothing that only Python can read
+    assert again == chrome
+    names = {e["tid"]: e["args"]["name"] for e in chrome["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert names == {r: f"rank {r}" for r in range(p)}
+    tracks = _tracks(chrome)
+    assert sorted(tracks) == list(range(p))
+    for events in tracks.values():
+        assert all(e["pid"] == 0 and e["dur"] >= 0 and e["ts"] >= 0 for e in events)
+        starts = [e["ts"] for e in events]
+        assert starts == sorted(starts)
+        # Actions and exchanges never overlap on one rank: each starts after the previous ended.
+        for a, b in itertools.pairwise(events):
+            assert b["ts"] >= a["ts"] + a["dur"] - 1e-3
+    return tracks
+
+
+def _actions(track: list[dict[str, Any]]) -> list[tuple[str, int, int, str]]:
+    return [
+        (e["name"][0], e["args"]["microbatch"], e["args"]["chunk"], e["args"]["phase"])
+        for e in track if e["cat"] in ("forward", "backward")
+    ]
+
+
+def _planned(plan: Any) -> list[tuple[str, int, int, str]]:
+    return [(a.kind, a.microbatch, a.chunk, a.phase) for a in plan.actions]
+
+
+def test_synthetic_events_become_chrome_events() -> None:
+    recorder = TraceRecorder()
+    f0 = Action("F", 0, 1, "warmup")
+    recorder(ScheduleEvent(0, "action", f0, None, 10.0, 10.5))
+    sent = Message("act", 0, 1, 2)
+    recorder(ScheduleEvent(0, "exchange", None, Exchange(sends=(sent,), recvs=()), 10.5, 10.75))
+    recorder(ScheduleEvent(0, "action", Action("B", 0, 1, "cooldown"), None, 11.0, 12.0))
+    trace = recorder.gather()
+    assert isinstance(trace, PipelineTrace)
+    assert trace.comm_wait() == [0.25] and trace.busy() == [1.5] and trace.span() == 2.0
+    tracks = _check_chrome(trace.to_chrome_trace(), p=1)
+    # Times are microseconds from the earliest start.
+    assert [(e["name"], e["cat"], e["ts"], e["dur"]) for e in tracks[0]] == [
+        ("F0.1", "forward", 0.0, 500000.0),
+        ("comm", "comm", 500000.0, 250000.0),
+        ("B0.1", "backward", 1000000.0, 1000000.0),
+    ]
+    assert tracks[0][1]["args"] == {"sends": 1, "recvs": 0}
+    assert tracks[0][0]["args"] == {"microbatch": 0, "chunk": 1, "phase": "warmup"}
+    recorder.clear()
+    assert recorder.num_events == 0
+
+
+def test_one_process_schedule_is_recorded_in_plan_order(tmp_path: Path) -> None:
+    case = Case(schedule="interleaved", p=1, v=2, m=3)
+    chunks = [Stage(c, 2, 0) for c in range(2)]
+    recorder = TraceRecorder()
+    ps.forward_backward_pipelining_with_interleaving(
+        forward_step_func=forward_step, data_iterator=[Batches(case) for _ in chunks], model=chunks,
+        num_microbatches=3, seq_length=SEQ, micro_batch_size=BATCH,
+        config=ps.PipelineConfig(hidden_size=HIDDEN, pipeline_dtype=torch.float64, observer=recorder),
+    )
+    trace = recorder.gather()
+    assert trace is not None and len(trace.ranks) == 1
+    tracks = _check_chrome(trace.to_chrome_trace(), p=1)
+    assert _actions(tracks[0]) == _planned(build_plan(p=1, r=0, v=2, m=3))
+    # Chunk 0 hands its output to chunk 1 on this same rank: those hand-overs are exchanges.
+    assert [e for e in tracks[0] if e["cat"] == "comm"]
+    path = tmp_path / "trace.json"
+    trace.write_chrome_trace(str(path))
+    assert json.loads(path.read_text()) == trace.to_chrome_trace()
+
+
+@pytest.mark.parametrize(
+    "job",
+    [
+        TracedCase(Case(schedule="interleaved", p=4, v=2, m=4)),
+        TracedCase(Case(schedule="1f1b", p=3, v=1, m=5, group="1-3"), dst=2),
+        TracedCase(Case(schedule="1f1b", p=2, v=1, m=3, group="2-3"), dst=1),
+    ],
+    ids=["interleaved-p4", "1f1b-p3-subgroup", "1f1b-p2-subgroup"],
+)
+def test_pool_trace_gathers_every_rank_on_one_clock(pool: Any, job: TracedCase) -> None:
+    results = pool.run(run_traced, job)
+    errors = [out for out in results.values() if isinstance(out, JobError)]
+    assert not errors, errors[0].traceback
+    ran = {out["group_rank"]: out for out in results.values() if out is not None}
+    case = job.case
+    assert sorted(ran) == list(range(case.p))
+    # Only the destination gets the trace; every rank recorded its own events.
+    assert [r for r, out in ran.items() if out["chrome"] is not None] == [job.dst]
+    chrome = ran[job.dst]["chrome"]
+    tracks = _check_chrome(chrome, p=case.p)
+    plans = [build_plan(p=case.p, r=r, v=case.v, m=case.m) for r in range(case.p)]
+    for r, plan in enumerate(plans):
+        assert _actions(tracks[r]) == _planned(plan)
+        comm = [e for e in tracks[r] if e["cat"] == "comm"]
+        assert [(e["args"]["sends"], e["args"]["recvs"]) for e in comm] == [
+            (len(ex.sends), len(ex.recvs)) for ex in plan.exchanges if ex
+        ]
+        assert len(tracks[r]) == ran[r]["local_events"]
+    assert len(ran[job.dst]["comm_wait"]) == case.p and all(w >= 0 for w in ran[job.dst]["comm_wait"])
+    # Aligned clocks: a stage's forward starts after the previous stage's forward of that
+    # microbatch ended, although the two were stamped by different processes. The slack is far
+    # above the alignment error (half a round trip) and far below the run's length.
+    ends = {}
+    for r, track in tracks.items():
+        for e in track:
+            if e["cat"] == "forward":
+                ends[(e["args"]["chunk"] * case.p + r, e["args"]["microbatch"])] = (e["ts"], e["ts"] + e["dur"])
+    for (stage, mb), (start, _) in ends.items():
+        if stage > 0:
+            assert start >= ends[(stage - 1, mb)][1] - 2000.0, (stage, mb)
+
+
+def test_timeline_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    recorder = TraceRecorder()
+    for i, (kind, mb) in enumerate([("F", 0), ("F", 1), ("B", 0), ("B", 1)]):
+        recorder(ScheduleEvent(0, "action", Action(kind, mb, 0, "steady"), None, 1.0 + i * 0.01, 1.0 + i * 0.01 + 0.008))
+    path = tmp_path / "timeline.png"
+    recorder.save_timeline_png(str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_timeline_png_without_matplotlib_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = TraceRecorder()
+    recorder(ScheduleEvent(0, "action", Action("F", 0, 0, "warmup"), None, 0.0, 1.0))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        recorder.save_timeline_png(str(tmp_path / "never.png"))
+    assert not (tmp_path / "never.png").exists()
