@@ -314,9 +314,21 @@ def build_gpt_chunks(
     return chunks
 
 
+def _unwrap(module: nn.Module) -> GPTChunk:
+    """The :class:`GPTChunk` inside wrappers such as ``DistributedDataParallel`` (which keep it in ``.module``)."""
+    while not isinstance(module, GPTChunk):
+        inner = getattr(module, "module", None)
+        if not isinstance(inner, nn.Module):
+            break
+        module = inner
+    if not isinstance(module, GPTChunk):
+        raise TypeError(f"expected a GPTChunk (possibly wrapped, e.g. in DistributedDataParallel), got {type(module).__name__}")
+    return module
+
+
 def make_forward_step(
     *, per_token_loss: bool = False
-) -> Callable[[Iterator[Batch] | None, GPTChunk], tuple[torch.Tensor, LossFunc]]:
+) -> Callable[[Iterator[Batch] | None, nn.Module], tuple[torch.Tensor, LossFunc]]:
     """A ``forward_step_func(data_iterator, model_chunk) -> (output_tensor, loss_func)`` for GPT chunks.
 
     Only the first stage (which needs ``tokens``) and the last stage (which needs ``labels``) draw
@@ -327,6 +339,8 @@ def make_forward_step(
     or, with ``per_token_loss=True``, ``(sum of token losses, num_tokens, {'lm_loss_sum': ...,
     'num_tokens': ...})`` so that the schedule normalises by the total token count.
     ``loss_func(output_tensor, non_loss_data=True)`` returns the detached per-token losses.
+    ``model_chunk`` may be wrapped (e.g. in ``DistributedDataParallel``): the stage flags are read
+    from the :class:`GPTChunk` inside, and the wrapper is what gets called, so its hooks run.
     """
 
     def loss_func(output_tensor: torch.Tensor, non_loss_data: bool = False) -> Any:
@@ -341,20 +355,21 @@ def make_forward_step(
         return loss, {"lm_loss": loss.detach()}
 
     def forward_step(
-        data_iterator: Iterator[Batch] | None, model_chunk: GPTChunk
+        data_iterator: Iterator[Batch] | None, model_chunk: nn.Module
     ) -> tuple[torch.Tensor, LossFunc]:
         tokens = labels = None
-        if model_chunk.first_stage or model_chunk.last_stage:
+        chunk = _unwrap(model_chunk)
+        if chunk.first_stage or chunk.last_stage:
             if data_iterator is None:
                 raise ValueError(
-                    f"the {'first' if model_chunk.first_stage else 'last'} stage needs a data "
+                    f"the {'first' if chunk.first_stage else 'last'} stage needs a data "
                     f"iterator of {{'tokens', 'labels'}} microbatches, got None"
                 )
             batch = next(data_iterator)
             device = next(model_chunk.parameters()).device
-            if model_chunk.first_stage:
+            if chunk.first_stage:
                 tokens = batch["tokens"].to(device)
-            if model_chunk.last_stage:
+            if chunk.last_stage:
                 labels = batch["labels"].to(device)
         return model_chunk(tokens, labels), loss_func
 
