@@ -54,6 +54,17 @@ class PipelineConfig:
     * ``finalize_model_grads_func(model_chunks, num_tokens)``: once, after all backwards.
     * ``grad_scale_func(loss)``: scales the loss on the last stage before its backward.
     * ``observer(event)``: told every action and exchange as it completes (:class:`ScheduleEvent`).
+
+    Communication safety (see ``docs/ERRORS.md``):
+
+    * ``variable_seq_lengths``: every message is preceded by a small int64 header with its shape
+      and dtype, so microbatches may differ in shape; no fixed activation shape is needed.
+    * ``check_p2p_shapes``: with fixed shapes, also send headers so the receiver compares them with
+      the shape it expects (the sender always checks its own output before sending).
+    * ``p2p_timeout``: seconds any single wait on a neighbour may last before the step raises an
+      error naming that neighbour. Keep it well under the process group's own timeout.
+    * ``max_message_numel``: the most elements a received header may announce; a larger (corrupt)
+      header raises instead of allocating.
     """
 
     hidden_size: int | None = None
@@ -65,6 +76,10 @@ class PipelineConfig:
     finalize_model_grads_func: Callable[..., None] | None = None
     grad_scale_func: Callable[[torch.Tensor], torch.Tensor] | None = None
     observer: Callable[[ScheduleEvent], None] | None = None
+    variable_seq_lengths: bool = False
+    check_p2p_shapes: bool = False
+    p2p_timeout: float = 300.0
+    max_message_numel: int = 1 << 31
 
 
 _DEFAULTS = {f.name: f.default for f in fields(PipelineConfig)}

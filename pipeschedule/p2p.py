@@ -11,17 +11,26 @@ The direction-named helpers therefore always post activation traffic before grad
 with ``p = 2`` the previous and the next rank are one rank, and this fixed order is what sends
 each tensor to the buffer meant for it.
 
+Every wait can be bounded (``timeout`` in seconds): a peer that died, raised or went silent turns
+into a :class:`~pipeschedule.errors.PeerFailedError` naming it, never into a hang. Receives are
+waited on before sends, so a receive that brings a neighbour's abort notice is seen at once even
+when a send to that neighbour can no longer complete.
+
 Nothing here is specific to a device: buffers are made on the device the caller names, so gloo on
 CPU and NCCL on GPU run the same code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from pipeschedule.errors import RESTART, PeerFailedError
+from pipeschedule.wire import AbortRecord, Reason
 
 __all__ = [
     "Neighbours",
@@ -88,24 +97,90 @@ class Neighbours:
             )
         return cls(group=group, rank=rank, size=dist.get_world_size(group))
 
+    def global_rank(self, rank: int) -> int:
+        """The default-group rank of group rank ``rank`` (itself without a process group)."""
+        if self.group is None:
+            return rank
+        return dist.get_global_rank(self.group, rank)
+
+    def name(self, rank: int) -> str:
+        if rank < 0:
+            return "a neighbouring pipeline rank"
+        return f"pipeline rank {rank} (global rank {self.global_rank(rank)})"
+
+
+def _link_failure(link: Neighbours, peer: int, what: str, exc: BaseException, timeout: float | None) -> PeerFailedError:
+    """The error for a transfer with ``peer`` that the backend gave up on."""
+    text = str(exc)
+    timed_out = "timed out" in text.lower() or "timeout" in text.lower()
+    reason = Reason.TIMEOUT if timed_out and "closed by peer" not in text.lower() else Reason.DIED
+    record = AbortRecord(reason=reason, rank=peer, global_rank=link.global_rank(peer) if peer >= 0 else -1, reporter=link.rank)
+    if reason == Reason.TIMEOUT:
+        cause = f"nothing arrived from or reached it within config.p2p_timeout={timeout}s: it failed, died or is stuck"
+    else:
+        cause = f"its connection closed ({text.splitlines()[0][:200]}): the process probably died"
+    return PeerFailedError(
+        f"{link.name(peer)} stopped answering while {link.name(link.rank)} {what}; {cause}. Look at that "
+        f"rank's log for the first error; {RESTART}",
+        record=record,
+    )
+
+
+def wait_bounded(work: dist.Work, *, link: Neighbours, peer: int, what: str, timeout: float | None) -> None:
+    """``work.wait()``, at most ``timeout`` seconds (``None``: unbounded); failures name ``peer``."""
+    try:
+        if timeout is None:
+            work.wait()
+        else:
+            work.wait(timeout=timedelta(seconds=timeout))
+    except RuntimeError as exc:
+        raise _link_failure(link, peer, what, exc, timeout) from exc
+
+
+def post(link: Neighbours, ops: list[dist.P2POp], *, peers: Sequence[int], what: str, timeout: float | None) -> list:
+    """``batch_isend_irecv(ops)``; a backend that refuses (a closed connection) names the peer."""
+    try:
+        return dist.batch_isend_irecv(ops)
+    except RuntimeError as exc:
+        raise _link_failure(link, peers[0] if len(set(peers)) == 1 else -1, what, exc, timeout) from exc
+
 
 def exchange(
     link: Neighbours,
     *,
     sends: Sequence[tuple[torch.Tensor, int]] = (),
     recvs: Sequence[tuple[TensorSpec, int]] = (),
+    timeout: float | None = None,
+    what: str = "exchanged tensors",
+    on_received: Callable[[list[torch.Tensor]], object] | None = None,
 ) -> list[torch.Tensor]:
     """Post ``sends`` (tensor, group rank) and ``recvs`` (spec, group rank) as one batch; wait for all.
 
     Returns the received tensors in the order of ``recvs``. Operations towards one peer in one
     direction are posted in the order given, and the peer must post its side in the same order.
+    Each wait lasts at most ``timeout`` seconds; ``what`` says what this rank was doing, for errors.
+    ``on_received(buffers)`` runs once the receives are complete and before the sends are waited
+    on, so it can raise on an abort notice while a send to the failed peer would never complete.
     """
     buffers = [spec.empty() for spec, _ in recvs]
     ops = [dist.P2POp(dist.isend, tensor, group=link.group, group_peer=peer) for tensor, peer in sends]
     ops += [dist.P2POp(dist.irecv, buf, group=link.group, group_peer=peer) for buf, (_, peer) in zip(buffers, recvs)]
     if ops:
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
+        peers = [peer for _, peer in sends] + [peer for _, peer in recvs]
+        works = post(link, ops, peers=peers, what=what, timeout=timeout)
+        if len(works) != len(ops):  # a coalescing backend (NCCL) returns one work for the batch
+            for work in works:
+                wait_bounded(work, link=link, peer=peers[0] if len(set(peers)) == 1 else -1, what=what, timeout=timeout)
+            if on_received is not None:
+                on_received(buffers)
+            return buffers
+        # Receives first: one of them may carry an abort notice from a peer our send waits on.
+        for i in range(len(sends), len(ops)):
+            wait_bounded(works[i], link=link, peer=peers[i], what=what, timeout=timeout)
+        if on_received is not None:
+            on_received(buffers)
+        for i in range(len(sends)):
+            wait_bounded(works[i], link=link, peer=peers[i], what=what, timeout=timeout)
     return buffers
 
 

@@ -27,6 +27,7 @@ from pipeschedule.config import PipelineConfig, resolve_config
 from pipeschedule.executor import PlanRunner
 from pipeschedule.p2p import Neighbours, TensorSpec
 from pipeschedule.plan import build_plan
+from pipeschedule.wire import dtype_code
 
 __all__ = [
     "forward_backward_no_pipelining",
@@ -95,12 +96,34 @@ def _activation_spec(
     shape = tuple(tensor_shape)
     if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
         raise ValueError(f"the activation shape must be positive integers, got {shape}")
-    if not isinstance(config.pipeline_dtype, torch.dtype):
-        raise TypeError(f"config.pipeline_dtype must be a torch.dtype, got {config.pipeline_dtype!r}")
+    return TensorSpec(shape=shape, dtype=config.pipeline_dtype, device=_device_of(chunks))
+
+
+def _device_of(chunks: list[torch.nn.Module]) -> torch.device:
     # Buffers live where the model does: CPU for gloo, the current GPU for NCCL.
     param = next((p for chunk in chunks for p in chunk.parameters()), None)
-    device = param.device if param is not None else torch.device("cpu")
-    return TensorSpec(shape=shape, dtype=config.pipeline_dtype, device=device)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _check_config(config: PipelineConfig) -> None:
+    """The communication settings, checked before anything is sent."""
+    for name in ("variable_seq_lengths", "check_p2p_shapes"):
+        value = getattr(config, name)
+        if not isinstance(value, bool):
+            raise TypeError(f"config.{name} must be True or False, got {value!r}")
+    timeout = config.p2p_timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+        raise ValueError(
+            f"config.p2p_timeout must be a positive number of seconds, got {timeout!r}; use e.g. 300 (well under "
+            f"the process group's own timeout)"
+        )
+    cap = config.max_message_numel
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+        raise ValueError(f"config.max_message_numel must be a positive integer, got {cap!r}")
+    if not isinstance(config.pipeline_dtype, torch.dtype):
+        raise TypeError(f"config.pipeline_dtype must be a torch.dtype, got {config.pipeline_dtype!r}")
+    if config.variable_seq_lengths or config.check_p2p_shapes:
+        dtype_code(config.pipeline_dtype)  # raises for a dtype the header table cannot name
 
 
 def _run(
@@ -132,14 +155,17 @@ def _run(
         p=link.size, r=link.rank, v=len(chunks), m=num_microbatches, forward_only=forward_only,
         group_size=cfg.microbatch_group_size_per_vp_stage,
     )
+    _check_config(cfg)
     spec = None
-    if link.size > 1:  # one rank communicates nothing, so it needs no activation shape
+    # One rank communicates nothing, and variable shapes come in headers: neither needs a fixed shape.
+    if link.size > 1 and not cfg.variable_seq_lengths:
         spec = _activation_spec(
             tensor_shape=tensor_shape, seq_length=seq_length, micro_batch_size=micro_batch_size, config=cfg, chunks=chunks
         )
     runner = PlanRunner(
         plan=plan, link=link, forward_step_func=forward_step_func, data_iterators=iterators, chunks=chunks,
         config=cfg, spec=spec, collect_non_loss_data=collect_non_loss_data, sync_last_forward=no_pipelining,
+        device=_device_of(chunks),
     )
     return runner.run()
 

@@ -6,6 +6,7 @@ pipeline and the reference build identical weights without talking to each other
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,12 @@ class Case:
     seed: int = 0
     # Fault to provoke, for error tests: name -> detail.
     mistake: dict = field(default_factory=dict)
+    # Per-microbatch sequence lengths (None: SEQ for all); with them, config.variable_seq_lengths.
+    seq_lens: tuple[int, ...] | None = None
+    check_p2p_shapes: bool = False
+    p2p_timeout: float | None = None
+    # Run on a process group made for this job, so a fault cannot leave the pool's groups unusable.
+    fresh_group: bool = False
 
     def __post_init__(self) -> None:
         from pool import GROUPS
@@ -61,12 +68,13 @@ def microbatches(case: Case) -> list[dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(10_000 + case.seed)
     out = []
     for i in range(case.m):
-        mask = torch.ones(SEQ, BATCH, dtype=torch.float64)
-        mask[: i % SEQ, 0] = 0.0
+        seq = case.seq_lens[i] if case.seq_lens is not None else SEQ
+        mask = torch.ones(seq, BATCH, dtype=torch.float64)
+        mask[: i % seq, 0] = 0.0
         out.append(
             {
-                "x": torch.randn(SEQ, BATCH, HIDDEN, generator=gen, dtype=torch.float64),
-                "y": torch.randn(SEQ, BATCH, HIDDEN, generator=gen, dtype=torch.float64),
+                "x": torch.randn(seq, BATCH, HIDDEN, generator=gen, dtype=torch.float64),
+                "y": torch.randn(seq, BATCH, HIDDEN, generator=gen, dtype=torch.float64),
                 "mask": mask,
             }
         )
@@ -97,13 +105,16 @@ class Batches:
 
     def __init__(self, case: Case) -> None:
         self.case = case
+        self.taken = 0
         self._it = iter(microbatches(case))
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        return next(self._it)
+        item = next(self._it)
+        self.taken += 1
+        return item
 
 
 def reference(case: Case) -> dict[str, Any]:
@@ -144,15 +155,25 @@ def _schedule(name: str):
     }[name]
 
 
+_FRESH_GROUPS: list = []
+
+
 def run_case(case: Case, rank: int, groups: dict) -> dict[str, Any] | None:
     """Run ``case`` on this worker if its rank is in the case's group; report what happened."""
     import pipeschedule as ps
     from pool import GROUPS
 
     ranks = GROUPS[case.group] if case.p > 1 else [0]
+    group = groups[case.group] if case.p > 1 else None
+    if case.fresh_group and case.p > 1:
+        import torch.distributed as dist
+
+        group = dist.new_group(ranks)  # every worker joins the creation, members or not
+        # Kept until the next fault job: destroying it as soon as this rank returns would close its
+        # connections while the neighbours may still be reading what it sent.
+        _FRESH_GROUPS[:] = [group]
     if rank not in ranks:
         return None
-    group = groups[case.group] if case.p > 1 else None
     r = ranks.index(rank)
     chunks = [Stage(c * case.p + r, case.p * case.v, case.seed) for c in range(case.v)]
     events: list = []
@@ -161,6 +182,9 @@ def run_case(case: Case, rank: int, groups: dict) -> dict[str, Any] | None:
         pipeline_dtype=torch.float64,
         microbatch_group_size_per_vp_stage=case.group_size,
         observer=events.append,
+        variable_seq_lengths=case.seq_lens is not None,
+        check_p2p_shapes=case.check_p2p_shapes,
+        **({} if case.p2p_timeout is None else {"p2p_timeout": case.p2p_timeout}),
     )
     model: Any = chunks if case.schedule == "interleaved" else chunks[0]
     iterators: Any = [Batches(case) for _ in chunks] if case.schedule == "interleaved" else Batches(case)
@@ -171,12 +195,17 @@ def run_case(case: Case, rank: int, groups: dict) -> dict[str, Any] | None:
         iterators = [Batches(case) for _ in range(case.mistake["iterators"])]
     if "bad_return" in case.mistake:
         step = lambda it, model: forward_step(it, model)[0]  # noqa: E731 - the mistake under test
+    if {"raise_at", "kill_at", "grow_stage"} & set(case.mistake):
+        step = _faulty_step(case, r)
+    seq_length = SEQ
+    if "seq_length_on" in case.mistake and case.mistake["seq_length_on"][0] == r:
+        seq_length = case.mistake["seq_length_on"][1]
     out = _schedule(case.schedule)(
         forward_step_func=step,
         data_iterator=iterators,
         model=model,
         num_microbatches=case.mistake.get("num_microbatches", case.m),
-        seq_length=SEQ,
+        seq_length=seq_length,
         micro_batch_size=BATCH,
         forward_only=case.forward_only,
         config=config,
@@ -188,6 +217,80 @@ def run_case(case: Case, rank: int, groups: dict) -> dict[str, Any] | None:
         "grads": {} if case.forward_only else {c.stage: [p.grad.numpy().copy() for p in c.parameters()] for c in chunks},
         "actions": [(e.action.kind, e.action.microbatch, e.action.chunk, e.action.phase) for e in events if e.what == "action"],
     }
+
+
+class InjectedFault(RuntimeError):
+    """The error a fault test makes one rank raise."""
+
+
+def _faulty_step(case: Case, r: int):
+    """``forward_step`` with the case's fault injected on group rank ``r``.
+
+    ``raise_at = (rank, kind, mb, chunk)``: raise in the forward step (``F``), in loss_func (``L``,
+    last stage only) or in the backward (``B``) of that microbatch and chunk. ``kill_at = (rank, mb)``:
+    SIGKILL this process in the forward of that microbatch. ``grow_stage = s``: stage ``s`` returns
+    ``[s + 1, b, h]``. The failing rank writes the wall-clock time of the fault to the store.
+    """
+    import os
+    import signal
+    import time
+
+    def step(data_iterator, model):
+        output, loss_func = forward_step(data_iterator, model)
+        chunk = model.stage // case.p
+        mb = data_iterator.taken - 1
+        raise_at, kill_at = case.mistake.get("raise_at"), case.mistake.get("kill_at")
+        if kill_at is not None and kill_at == (r, mb) and chunk == 0:
+            FAULT_TIME["t"] = time.time()
+            _record_fault_time(case)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if "grow_stage" in case.mistake and model.stage == case.mistake["grow_stage"]:
+            output = torch.cat([output, output[:1]])
+        if raise_at is not None and raise_at[0] == r and raise_at[2:] == (mb, chunk):
+            if raise_at[1] == "F":
+                FAULT_TIME["t"] = time.time()
+                raise InjectedFault(f"injected fault in F{mb}.{chunk}")
+            if raise_at[1] == "L":
+                def failing_loss(out, non_loss_data=False):
+                    FAULT_TIME["t"] = time.time()
+                    raise InjectedFault(f"injected fault in loss_func of microbatch {mb}")
+                return output, failing_loss
+            if raise_at[1] == "B":
+                def failing_hook(grad):
+                    FAULT_TIME["t"] = time.time()
+                    raise InjectedFault(f"injected fault in B{mb}.{chunk}")
+                output.register_hook(failing_hook)
+        return output, loss_func
+
+    return step
+
+
+FAULT_TIME: dict[str, float] = {}
+
+
+def _record_fault_time(case: Case) -> None:
+    # A killed process cannot report; it leaves the time in a file named after the case.
+    with open(fault_time_file(case.seed, os.getppid()), "w") as f:
+        f.write(repr(FAULT_TIME["t"]))
+
+
+def fault_time_file(seed: int, test_pid: int) -> str:
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), f"pipeschedule-fault-{seed}-{test_pid}.txt")
+
+
+def run_fault_case(case: Case, rank: int, groups: dict) -> dict[str, Any] | None:
+    """``run_case``, reporting instead of raising: the error, and when it was raised or injected."""
+    import time
+
+    FAULT_TIME.clear()
+    try:
+        out = run_case(case, rank, groups)
+    except Exception as exc:  # the outcome under test
+        return {"error": type(exc).__name__, "message": str(exc), "t_error": time.time(), "t_fault": FAULT_TIME.get("t"),
+                "failed_rank": getattr(exc, "failed_rank", None)}
+    return None if out is None else {"error": None, "t_error": time.time(), "t_fault": None, "group_rank": out["group_rank"]}
 
 
 def chosen_schedules(_arg: Any, rank: int, groups: dict) -> dict[str, list[str]]:

@@ -85,7 +85,7 @@ class WorkerPool:
         ready = self._gather("ready", self._start_timeout)
         assert sorted(ready) == list(range(WORLD_SIZE)), ready
 
-    def _gather(self, job: Any, timeout: float) -> dict[int, Any]:
+    def _gather(self, job: Any, timeout: float, *, allow_deaths: bool = False) -> dict[int, Any]:
         import time
 
         deadline = time.monotonic() + timeout
@@ -93,8 +93,14 @@ class WorkerPool:
         while len(out) < WORLD_SIZE:
             left = deadline - time.monotonic()
             try:
-                got_job, rank, outcome = self._results.get(timeout=max(left, 0.01))
+                # Short polls when deaths are expected, so a dead worker is reported, not waited for.
+                got_job, rank, outcome = self._results.get(timeout=max(min(left, 0.2) if allow_deaths else left, 0.01))
             except queue.Empty:
+                if allow_deaths and left > 0:
+                    for r, proc in enumerate(self._procs):
+                        if r not in out and not proc.is_alive():
+                            out[r] = JobError("WorkerDied", f"worker {r} died (exit code {proc.exitcode})", "")
+                    continue
                 dead = [r for r, proc in enumerate(self._procs) if not proc.is_alive()]
                 self.close()
                 raise TimeoutError(
@@ -105,15 +111,25 @@ class WorkerPool:
                 out[rank] = outcome
         return out
 
-    def run(self, func: Callable[[Any, int, dict], Any], arg: Any, *, timeout: float = 60.0) -> dict[int, Any]:
-        """Run ``func(arg, rank, groups)`` on every worker; return ``{rank: result or JobError}``."""
+    def run(
+        self, func: Callable[[Any, int, dict], Any], arg: Any, *, timeout: float = 60.0, allow_deaths: bool = False
+    ) -> dict[int, Any]:
+        """Run ``func(arg, rank, groups)`` on every worker; return ``{rank: result or JobError}``.
+
+        With ``allow_deaths`` a worker that dies during the job is reported as a ``JobError`` of
+        type ``WorkerDied`` instead of failing the whole job; the next job restarts the pool.
+        """
         if not self._procs or not all(proc.is_alive() for proc in self._procs):
-            self.close()
-            self._start()
+            self.restart()
         self._job += 1
         for q in self._tasks:
             q.put((self._job, func, arg))
-        return self._gather(self._job, timeout)
+        return self._gather(self._job, timeout, allow_deaths=allow_deaths)
+
+    def restart(self) -> None:
+        """Stop the workers (bounded) and start fresh ones: for after a job that broke a process group."""
+        self.close()
+        self._start()
 
     def close(self) -> None:
         """Stop the workers: ask, then terminate, then kill; each step bounded."""

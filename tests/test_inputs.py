@@ -120,3 +120,43 @@ def test_every_rank_refuses_before_communicating(pool, mistake, kind, words):
     # Nothing was left in flight: the same workers run a correct step right after.
     healthy = pool.run(run_case, Case("interleaved", p=3, v=2, m=6, group="1-3"))
     assert all(not isinstance(out, JobError) for out in healthy.values())
+
+
+def test_an_iterator_that_runs_out_early_names_the_chunk_and_microbatch():
+    case = Case("1f1b", p=1, v=1, m=2)
+    with pytest.raises(ValueError, match="data iterator of model chunk 0 ran out at microbatch 2 \\(num_microbatches=4\\)"):
+        call(one_f_one_b, model=Stage(0, 1, 0), data_iterator=Batches(case), m=4)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "kind", "words"),
+    [
+        ("p2p_timeout", 0, ValueError, "config.p2p_timeout must be a positive number of seconds, got 0"),
+        ("p2p_timeout", float("inf"), ValueError, "got inf"),
+        ("p2p_timeout", "30", ValueError, "got '30'"),
+        ("max_message_numel", 0, ValueError, "config.max_message_numel must be a positive integer, got 0"),
+        ("variable_seq_lengths", 1, TypeError, "config.variable_seq_lengths must be True or False, got 1"),
+        ("check_p2p_shapes", "yes", TypeError, "config.check_p2p_shapes must be True or False"),
+        ("pipeline_dtype", "float32", TypeError, "config.pipeline_dtype must be a torch.dtype"),
+    ],
+)
+def test_communication_settings_are_checked_at_entry(field, value, kind, words):
+    config = ps.PipelineConfig(**{"hidden_size": HIDDEN, "pipeline_dtype": torch.float64, field: value})
+    with pytest.raises(kind, match=words.replace("(", r"\(").replace(")", r"\)")):
+        one_f_one_b(forward_step_func=forward_step, data_iterator=Batches(CASE), model=Stage(0, 1, 0), num_microbatches=4,
+                    seq_length=SEQ, micro_batch_size=BATCH, config=config)
+
+
+def test_headers_refuse_a_dtype_they_cannot_name():
+    config = ps.PipelineConfig(hidden_size=HIDDEN, pipeline_dtype=torch.complex32, check_p2p_shapes=True)
+    with pytest.raises(TypeError, match="dtype torch.complex32 cannot be sent between pipeline stages; use one of"):
+        one_f_one_b(forward_step_func=forward_step, data_iterator=Batches(CASE), model=Stage(0, 1, 0), num_microbatches=4,
+                    seq_length=SEQ, micro_batch_size=BATCH, config=config)
+
+
+def test_variable_seq_lengths_needs_no_fixed_shape(pool):
+    # No seq_length is needed; the same step with and without headers gives the same gradients.
+    from test_schedules_gloo import check_against_reference
+
+    case = Case("1f1b", p=2, v=1, m=3, group="0-1", seq_lens=(3, 3, 3))
+    check_against_reference(case, pool.run(run_case, case))

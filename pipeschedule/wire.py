@@ -1,0 +1,246 @@
+"""The small int64 records that travel next to the tensors: message headers and abort notices.
+
+A *header* describes the tensor that follows it on the same channel, so the receiver can allocate
+its buffer without knowing the shape in advance (``variable_seq_lengths``) or compare it with the
+shape it expects (``check_p2p_shapes``). An *abort record* takes the place of a message a failed
+rank still owed: it says which rank failed, doing what, and why. Both are :data:`RECORD_LEN` int64
+values led by a magic number, so a receiver tells them apart and recognises garbage.
+
+Nothing is pickled: a record is a plain tensor of integers, and decoding it checks every field
+before it is trusted. A header that asks for more than ``max_numel`` elements, more than
+:data:`MAX_NDIM` dimensions, a non-positive size or an unknown dtype raises
+:class:`~pipeschedule.errors.CorruptHeaderError` before anything is allocated.
+
+Layout (index: meaning)::
+
+    header: 0 DATA_MAGIC, 1 ndim, 2..9 dims (zero-padded), 10 dtype code, 11 plan fingerprint
+    abort:  0 ABORT_MAGIC, 1 reason, 2 failed group rank, 3 failed global rank, 4 action kind
+            (0 none, 1 F, 2 B), 5 microbatch, 6 chunk, 7 reporting group rank, 8 ndim,
+            9..16 dims, 17 dtype code
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeschedule.errors import CorruptHeaderError
+
+__all__ = [
+    "ABORT_MAGIC",
+    "DATA_MAGIC",
+    "MAX_NDIM",
+    "RECORD_LEN",
+    "AbortRecord",
+    "Reason",
+    "decode",
+    "dtype_code",
+    "encode_abort",
+    "encode_header",
+    "plan_fingerprint",
+    "read_abort_marker",
+    "write_abort_into",
+]
+
+RECORD_LEN = 20
+MAX_NDIM = 8
+# Arbitrary 63-bit constants: legitimate data starting with exactly these 8 bytes is not a concern.
+DATA_MAGIC = 0x5053_4844_7A31_0001  # "PSHD"
+ABORT_MAGIC = 0x5053_4142_7A31_0002  # "PSAB"
+
+# A fixed table, never derived from torch's internal enum, so both ends agree across versions.
+_DTYPES: tuple[torch.dtype, ...] = (
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+    torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128,
+)
+_CODE = {dtype: code for code, dtype in enumerate(_DTYPES, start=1)}
+
+
+class Reason:
+    """Why a rank aborted; the code travels in the abort record."""
+
+    FORWARD = 1
+    LOSS = 2
+    BACKWARD = 3
+    SENT_SHAPE = 4
+    RECEIVED_SHAPE = 5
+    DIED = 6
+    TIMEOUT = 7
+    CORRUPT = 8
+    OTHER = 9
+    PLAN = 10
+
+    TEXT = {
+        FORWARD: "raised in forward_step_func",
+        LOSS: "raised in loss_func",
+        BACKWARD: "raised in backward",
+        SENT_SHAPE: "produced an activation or gradient whose shape or dtype differs from the configured one",
+        RECEIVED_SHAPE: "received a tensor whose shape or dtype differs from the one it expects",
+        DIED: "died or closed its connection",
+        TIMEOUT: "sent nothing within config.p2p_timeout",
+        CORRUPT: "received a corrupt message header",
+        OTHER: "raised an error",
+        PLAN: "runs a different plan (p, v, m, G or forward_only differ between ranks)",
+    }
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    """The wire code of ``dtype``; raises ``TypeError`` for a dtype the table does not hold."""
+    try:
+        return _CODE[dtype]
+    except KeyError:
+        raise TypeError(
+            f"tensors of dtype {dtype} cannot be sent between pipeline stages; use one of "
+            f"{', '.join(str(d) for d in _DTYPES)}"
+        ) from None
+
+
+def _dtype_name(code: int) -> str:
+    return str(_DTYPES[code - 1]) if 1 <= code <= len(_DTYPES) else f"<dtype code {code}>"
+
+
+def plan_fingerprint(*, p: int, v: int, m: int, group_size: int, forward_only: bool) -> int:
+    """An int64 that differs whenever two ranks would run mismatched plans."""
+    return (((m * 4096 + group_size) * 256 + v) * 256 + p) * 2 + int(forward_only)
+
+
+def describe_fingerprint(value: int) -> str:
+    fo, value = value % 2, value // 2
+    p, value = value % 256, value // 256
+    v, value = value % 256, value // 256
+    g, m = value % 4096, value // 4096
+    return f"p={p}, v={v}, m={m}, G={g}, forward_only={bool(fo)}"
+
+
+@dataclass(frozen=True)
+class AbortRecord:
+    """Rank ``rank`` (group rank; ``global_rank`` in the default group) failed for ``reason``.
+
+    ``action`` is ``(kind, microbatch, chunk)`` of what it was doing, when known; ``shape`` and
+    ``dtype`` describe the offending tensor for shape errors; ``reporter`` is the group rank that
+    sent this record (the failed rank itself, or a neighbour that saw it die and passed it on).
+    """
+
+    reason: int
+    rank: int
+    global_rank: int
+    action: tuple[str, int, int] | None = None
+    reporter: int = -1
+    shape: tuple[int, ...] | None = None
+    dtype: int = 0
+
+    def describe(self, v: int = 1) -> str:
+        doing = ""
+        if self.action is not None:
+            kind, mb, chunk = self.action
+            doing = f" at {kind}{mb}" + ("" if v == 1 else f".{chunk}")
+        what = Reason.TEXT.get(self.reason, f"failed (reason code {self.reason})")
+        text = f"pipeline rank {self.rank} (global rank {self.global_rank}) {what}{doing}"
+        if self.shape is not None:
+            whose = "it expects" if self.reason == Reason.RECEIVED_SHAPE else "its tensor"
+            text += f" ({whose}: shape {list(self.shape)}, {_dtype_name(self.dtype)})"
+        return text
+
+
+def encode_header(tensor: torch.Tensor, *, fingerprint: int) -> torch.Tensor:
+    """The header announcing ``tensor``, on ``tensor``'s device."""
+    if tensor.dim() == 0 or tensor.dim() > MAX_NDIM:
+        raise ValueError(
+            f"a pipeline message must have 1 to {MAX_NDIM} dimensions, got shape {list(tensor.shape)}; "
+            f"reshape the output of the stage"
+        )
+    values = [0] * RECORD_LEN
+    values[0], values[1] = DATA_MAGIC, tensor.dim()
+    values[2 : 2 + tensor.dim()] = list(tensor.shape)
+    values[10], values[11] = dtype_code(tensor.dtype), fingerprint
+    return torch.tensor(values, dtype=torch.int64, device=tensor.device)
+
+
+def encode_abort(record: AbortRecord, *, device: torch.device) -> torch.Tensor:
+    values = [0] * RECORD_LEN
+    kind, mb, chunk = record.action if record.action is not None else ("", -1, -1)
+    values[:8] = [ABORT_MAGIC, record.reason, record.rank, record.global_rank, {"F": 1, "B": 2}.get(kind, 0), mb, chunk, record.reporter]
+    shape = tuple(record.shape or ())[:MAX_NDIM]
+    values[8] = len(shape)
+    values[9 : 9 + len(shape)] = list(shape)
+    values[17] = record.dtype
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def _decode_abort(values: list[int]) -> AbortRecord:
+    kind = {1: "F", 2: "B"}.get(values[4])
+    ndim = values[8]
+    shape = tuple(values[9 : 9 + ndim]) if 0 < ndim <= MAX_NDIM else None
+    return AbortRecord(
+        reason=values[1], rank=values[2], global_rank=values[3],
+        action=(kind, values[5], values[6]) if kind else None, reporter=values[7], shape=shape, dtype=values[17],
+    )
+
+
+def decode(record: torch.Tensor, *, max_numel: int, peer: str) -> tuple[tuple[int, ...], torch.dtype, int] | AbortRecord:
+    """``(shape, dtype, fingerprint)`` from a header, or the :class:`AbortRecord` it carries.
+
+    Every field is checked before use; ``peer`` names the sender in the error.
+    """
+    values = record.tolist()
+    if len(values) != RECORD_LEN:
+        raise CorruptHeaderError(f"a message header from {peer} has {len(values)} values, expected {RECORD_LEN}")
+    if values[0] == ABORT_MAGIC:
+        return _decode_abort(values)
+    if values[0] != DATA_MAGIC:
+        raise CorruptHeaderError(
+            f"the message header from {peer} does not start with the header marker (got {values[0]:#x}); the "
+            f"ranks disagree on message order or framing: check that every rank sets the same "
+            f"variable_seq_lengths and check_p2p_shapes"
+        )
+    ndim = values[1]
+    if not 1 <= ndim <= MAX_NDIM:
+        raise CorruptHeaderError(f"the message header from {peer} announces ndim={ndim}; allowed are 1..{MAX_NDIM}")
+    dims = values[2 : 2 + ndim]
+    if any(d <= 0 for d in dims) or any(values[2 + ndim : 10]):
+        raise CorruptHeaderError(f"the message header from {peer} announces dims {values[2:10]} for ndim={ndim}; "
+                                 f"the first ndim must be positive and the rest zero")
+    numel = 1
+    for d in dims:
+        numel *= d
+        if numel > max_numel:  # checked while multiplying, so huge products never form
+            raise CorruptHeaderError(
+                f"the message header from {peer} announces a tensor of shape {dims}, more than "
+                f"config.max_message_numel={max_numel} elements; raise the cap if that is intended"
+            )
+    code = values[10]
+    if not 1 <= code <= len(_DTYPES):
+        raise CorruptHeaderError(f"the message header from {peer} has an unknown dtype code {code}")
+    return tuple(dims), _DTYPES[code - 1], values[11]
+
+
+def write_abort_into(buffer: torch.Tensor, record: AbortRecord) -> torch.Tensor:
+    """``buffer`` (a fresh tensor shaped like the message it replaces) carrying ``record`` in its first bytes.
+
+    Used with fixed shapes, where the receiver posted a buffer of the data's size: the record
+    goes in its leading bytes, truncated if the message is smaller than the record.
+    """
+    raw = buffer.reshape(-1).view(torch.uint8)
+    blob = encode_abort(record, device=buffer.device).view(torch.uint8)
+    n = min(raw.numel(), blob.numel())
+    raw[:n] = blob[:n]
+    return buffer
+
+
+def read_abort_marker(tensor: torch.Tensor) -> AbortRecord | None:
+    """The abort record in the leading bytes of a fixed-shape message, or ``None`` for ordinary data."""
+    raw = tensor.reshape(-1).view(torch.uint8)
+    if raw.numel() < 8:
+        return None
+    marker = torch.tensor([ABORT_MAGIC], dtype=torch.int64).view(torch.uint8)
+    if not torch.equal(raw[:8].cpu(), marker):
+        return None
+    blob = torch.zeros(RECORD_LEN * 8, dtype=torch.uint8)
+    n = min(raw.numel(), blob.numel())
+    blob[:n] = raw[:n].cpu()
+    values = blob.view(torch.int64).tolist()
+    if n < blob.numel():  # a message too small for the whole record: unknown fields read as -1
+        values[n // 8 :] = [-1] * (RECORD_LEN - n // 8)
+        values[8] = 0
+    return _decode_abort(values)
