@@ -65,6 +65,8 @@ class PipelineConfig:
       error naming that neighbour. Keep it well under the process group's own timeout.
     * ``max_message_numel``: the most elements a received header may announce; a larger (corrupt)
       header raises instead of allocating.
+    * ``overlap_p2p_comm``: post receives early, wait on each just before its tensor is used, and
+      never wait on a send until the step ends (:mod:`pipeschedule.overlap`); proven on gloo.
     """
 
     hidden_size: int | None = None
@@ -80,6 +82,7 @@ class PipelineConfig:
     check_p2p_shapes: bool = False
     p2p_timeout: float = 300.0
     max_message_numel: int = 1 << 31
+    overlap_p2p_comm: bool = False
 
 
 _DEFAULTS = {f.name: f.default for f in fields(PipelineConfig)}

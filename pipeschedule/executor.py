@@ -28,7 +28,7 @@ from pipeschedule.config import PipelineConfig, ScheduleEvent
 from pipeschedule.errors import ShapeMismatchError
 from pipeschedule.framed import Incoming, PendingSends, framed_exchange
 from pipeschedule.p2p import Neighbours, TensorSpec, exchange
-from pipeschedule.plan import Action, Exchange, Message, RankPlan
+from pipeschedule.plan import Action, Exchange, Message, RankPlan, Step
 from pipeschedule.sync import GradSync
 from pipeschedule.wire import Reason, plan_fingerprint
 
@@ -101,11 +101,11 @@ class PlanRunner(FailureHandling):
     def run(self) -> list[Any]:
         """Run every step; return the reduced loss dicts (last stage) or ``[]``."""
         try:
-            self._exchange(self.plan.first)
+            self._start()
             for step in self.plan.steps:
                 for action in step.actions:
                     self._timed_action(action)
-                self._exchange(step.exchange)
+                self._finish_step(step)
             self.where = "finished its last exchange"
             self.doing = (Reason.OTHER, None)
             self.pending.wait(link=self.link, timeout=self.config.p2p_timeout)
@@ -125,6 +125,14 @@ class PlanRunner(FailureHandling):
         finally:
             self.sync.close()
         return self.store if self._is_last(self.plan.v - 1) else []
+
+    def _start(self) -> None:
+        """Before the first action: receive its input."""
+        self._exchange(self.plan.first)
+
+    def _finish_step(self, step: Step) -> None:
+        """After a step's actions: send what they produced, receive what the next step needs."""
+        self._exchange(step.exchange)
 
     def _timed_action(self, action: Action) -> None:
         observer = self.config.observer

@@ -25,6 +25,7 @@ import torch
 
 from pipeschedule.config import PipelineConfig, resolve_config
 from pipeschedule.executor import PlanRunner
+from pipeschedule.overlap import OverlappedRunner
 from pipeschedule.p2p import Neighbours, TensorSpec
 from pipeschedule.plan import build_plan
 from pipeschedule.wire import dtype_code
@@ -162,7 +163,9 @@ def _run(
         spec = _activation_spec(
             tensor_shape=tensor_shape, seq_length=seq_length, micro_batch_size=micro_batch_size, config=cfg, chunks=chunks
         )
-    runner = PlanRunner(
+    # Overlap needs fixed shapes; the framed exchange used with headers leaves its sends unwaited anyway.
+    overlapped = cfg.overlap_p2p_comm and link.size > 1 and not (cfg.variable_seq_lengths or cfg.check_p2p_shapes)
+    runner = (OverlappedRunner if overlapped else PlanRunner)(
         plan=plan, link=link, forward_step_func=forward_step_func, data_iterators=iterators, chunks=chunks,
         config=cfg, spec=spec, collect_non_loss_data=collect_non_loss_data, sync_last_forward=no_pipelining,
         device=_device_of(chunks),

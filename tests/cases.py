@@ -36,6 +36,7 @@ class Case:
     p2p_timeout: float | None = None
     # Run on a process group made for this job, so a fault cannot leave the pool's groups unusable.
     fresh_group: bool = False
+    overlap: bool = False  # config.overlap_p2p_comm
 
     def __post_init__(self) -> None:
         from pool import GROUPS
@@ -184,6 +185,7 @@ def run_case(case: Case, rank: int, groups: dict) -> dict[str, Any] | None:
         observer=events.append,
         variable_seq_lengths=case.seq_lens is not None,
         check_p2p_shapes=case.check_p2p_shapes,
+        overlap_p2p_comm=case.overlap,
         **({} if case.p2p_timeout is None else {"p2p_timeout": case.p2p_timeout}),
     )
     model: Any = chunks if case.schedule == "interleaved" else chunks[0]

@@ -63,17 +63,18 @@ def faults(draw):
     if kind == "F" and action.chunk * p + failed == p * v - 1 and draw(st.booleans()):
         kind = "L"  # the last stage can fail in loss_func instead
     step_index = next(i for i, step in enumerate(plan.steps) if action in step.actions)
-    mode = draw(st.sampled_from(["fixed", "check", "variable"]))
+    mode = draw(st.sampled_from(["fixed", "check", "variable", "overlap"]))
     case = Case(
         "interleaved" if v > 1 else "1f1b", p=p, v=v, m=m, group=draw(st.sampled_from(GROUP_FOR_P[p])),
         seed=draw(st.integers(0, 10**6)), p2p_timeout=TIMEOUT, fresh_group=True,
         mistake={"raise_at": (failed, kind, action.microbatch, action.chunk)},
         check_p2p_shapes=mode == "check", seq_lens=tuple([3] * m) if mode == "variable" else None,
+        overlap=mode == "overlap",
     )
     return case, failed, step_index
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(fault=faults())
 def test_an_exception_on_one_rank_stops_every_rank(pool, fault):
     case, failed, step_index = fault
@@ -83,10 +84,10 @@ def test_an_exception_on_one_rank_stops_every_rank(pool, fault):
     check_outcome(case, results, failed, failing["t_fault"], step_index, "InjectedFault")
 
 
-@pytest.mark.parametrize("mode", ["fixed", "variable"])
+@pytest.mark.parametrize("mode", ["fixed", "variable", "overlap"])
 def test_a_killed_rank_is_named_by_every_survivor(pool, mode):
     case = Case("1f1b", p=4, v=1, m=6, seed=4242, p2p_timeout=TIMEOUT, fresh_group=True, mistake={"kill_at": (1, 2)},
-                seq_lens=(3, 2, 4, 3, 1, 5) if mode == "variable" else None)
+                seq_lens=(3, 2, 4, 3, 1, 5) if mode == "variable" else None, overlap=mode == "overlap")
     path = fault_time_file(case.seed, os.getpid())
     if os.path.exists(path):
         os.unlink(path)
@@ -104,3 +105,22 @@ def test_a_killed_rank_is_named_by_every_survivor(pool, mode):
     # The pool replaces the dead worker and the next step is exact again.
     healthy = pool.run(run_case, Case("1f1b", p=4, v=1, m=3))
     assert all(not isinstance(out, JobError) for out in healthy.values()), healthy
+
+
+@pytest.mark.parametrize(
+    ("schedule", "v", "m", "failed", "kind", "microbatch", "chunk"),
+    [("1f1b", 1, 6, 1, "F", 2, 0), ("1f1b", 1, 6, 2, "B", 1, 0), ("interleaved", 2, 8, 2, "F", 5, 1), ("interleaved", 2, 8, 3, "L", 3, 1)],
+)
+def test_overlapped_communication_stops_every_rank(pool, schedule, v, m, failed, kind, microbatch, chunk):
+    case = Case(schedule, p=4, v=v, m=m, seed=7, p2p_timeout=TIMEOUT, fresh_group=True, overlap=True,
+                mistake={"raise_at": (failed, kind, microbatch, chunk)})
+    results = pool.run(run_fault_case, case, timeout=4 * TIMEOUT + 20)
+    failing = results[GROUPS[case.group][failed]]
+    assert failing["error"] == "InjectedFault", failing
+    plan = build_plan(p=4, r=failed, v=v, m=m)
+    step_index = next(
+        i for i, s in enumerate(plan.steps)
+        for a in s.actions if (a.kind, a.microbatch, a.chunk) == ("F" if kind == "L" else kind, microbatch, chunk)
+    )
+    times = check_outcome(case, results, failed, failing["t_fault"], step_index, "InjectedFault")
+    assert times  # somebody depended on the failed rank and raised

@@ -25,7 +25,7 @@ def cases(draw):
     return Case(
         schedule=schedule, p=p, v=v, m=m, group=draw(st.sampled_from(GROUP_FOR_P[p])),
         forward_only=draw(st.booleans()), loss_arity=draw(st.sampled_from([2, 3])),
-        group_size=group_size, seed=draw(st.integers(0, 1000)),
+        group_size=group_size, seed=draw(st.integers(0, 1000)), overlap=draw(st.booleans()),
     )
 
 
@@ -67,8 +67,13 @@ def test_exact_gradients_and_planned_order(pool, case):
         Case("interleaved", p=3, v=2, m=3, group="1-3"),  # m == p
         Case("1f1b", p=4, v=1, m=1),  # fewer microbatches than ranks
         Case("1f1b", p=4, v=1, m=7, forward_only=True),
+        Case("interleaved", p=2, v=2, m=4, group="0-1", overlap=True),
+        Case("interleaved", p=2, v=3, m=5, group="2-3", overlap=True, loss_arity=3),
+        Case("interleaved", p=4, v=2, m=16, overlap=True),
+        Case("interleaved", p=4, v=3, m=6, overlap=True),
+        Case("1f1b", p=3, v=1, m=5, group="1-3", overlap=True),
     ],
-    ids=lambda c: f"{c.schedule}-p{c.p}-v{c.v}-m{c.m}-{c.group}",
+    ids=lambda c: f"{c.schedule}-p{c.p}-v{c.v}-m{c.m}-{c.group}" + ("-overlap" if c.overlap else ""),
 )
 def test_named_configurations(pool, case):
     check_against_reference(case, pool.run(run_case, case))
