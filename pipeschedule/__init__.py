@@ -11,6 +11,7 @@ proves a plan deadlock-free without starting a process.
 """
 
 from pipeschedule.config import PipelineConfig, ScheduleEvent
+from pipeschedule.errors import PeerFailedError, PipelineError, ShapeMismatchError
 from pipeschedule.plan import Action, build_pipeline, build_plan, phase_counts
 from pipeschedule.schedules import (
     forward_backward_no_pipelining,
@@ -21,8 +22,11 @@ from pipeschedule.schedules import (
 
 __all__ = [
     "Action",
+    "PeerFailedError",
     "PipelineConfig",
+    "PipelineError",
     "ScheduleEvent",
+    "ShapeMismatchError",
     "build_pipeline",
     "build_plan",
     "forward_backward_no_pipelining",

@@ -114,7 +114,7 @@ class _Contender:
     recorder: Any = None
 
 
-def _ours(setup: Setup, chunks: list[SleepChunk], rank: int, recorder: Any) -> _Contender:
+def _ours(setup: Setup, chunks: list[SleepChunk], rank: int, recorder: Any, *, overlap: bool) -> _Contender:
     import pipeschedule as ps
 
     data = [torch.randn(BATCH, SEQ, HIDDEN) for _ in range(setup.m)]
@@ -125,7 +125,7 @@ def _ours(setup: Setup, chunks: list[SleepChunk], rank: int, recorder: Any) -> _
         out = model(x)
         return out, lambda output: (_loss(output, target), {})
 
-    config = ps.PipelineConfig(pipeline_dtype=torch.float32, observer=recorder)
+    config = ps.PipelineConfig(pipeline_dtype=torch.float32, observer=recorder, overlap_p2p_comm=overlap)
     interleaved = setup.v > 1
     func: Any = ps.forward_backward_pipelining_with_interleaving if interleaved else ps.forward_backward_pipelining_without_interleaving
 
@@ -137,41 +137,7 @@ def _ours(setup: Setup, chunks: list[SleepChunk], rank: int, recorder: Any) -> _
             tensor_shape=(BATCH, SEQ, HIDDEN), config=config,
         )
 
-    return _Contender("pipeschedule", run, chunks, recorder)
-
-
-def _load_runner(spec: str) -> Any:
-    """``path/to/file.py:Class`` or ``package.module:Class``: a PlanRunner subclass to try."""
-    import importlib
-    import importlib.util
-
-    where, _, name = spec.rpartition(":")
-    if where.endswith(".py"):
-        module_spec = importlib.util.spec_from_file_location("_candidate_runner", where)
-        assert module_spec is not None and module_spec.loader is not None, f"cannot load {where}"
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(where)
-    return getattr(module, name)
-
-
-def _candidate(setup: Setup, chunks: list[SleepChunk], rank: int, recorder: Any, runner: Any) -> _Contender:
-    """Our schedule with another executor class, to measure an executor change against the current one."""
-    from pipeschedule import schedules
-
-    inner = _ours(setup, chunks, rank, recorder).run
-
-    def run() -> None:
-        # The schedule functions build a PlanRunner by name; swap the class for this call only.
-        current = schedules.PlanRunner
-        setattr(schedules, "PlanRunner", runner)  # noqa: B010 - a class swapped in for one call
-        try:
-            inner()
-        finally:
-            setattr(schedules, "PlanRunner", current)  # noqa: B010
-
-    return _Contender("candidate", run, chunks, recorder)
+    return _Contender("pipeschedule+overlap" if overlap else "pipeschedule", run, chunks, recorder)
 
 
 def _peer(setup: Setup, chunks: list[SleepChunk], rank: int) -> _Contender:
@@ -236,10 +202,10 @@ def _worker(rank: int, init_file: str, args: argparse.Namespace, setups: list[Se
         for setup in setups:
             meter = Meter()
             chunks = [SleepChunk(meter=meter, tf=setup.tf / setup.v, tb=setup.tb / setup.v) for _ in range(setup.v)]
+            # The pictures and traces show the overlapped mode, our fastest.
             recorder = TraceRecorder()
-            contenders = [_ours(setup, chunks, rank, recorder), _peer(setup, chunks, rank)]
-            if args.runner:
-                contenders.append(_candidate(setup, chunks, rank, TraceRecorder(), _load_runner(args.runner)))
+            contenders = [_ours(setup, chunks, rank, TraceRecorder(), overlap=False),
+                          _ours(setup, chunks, rank, recorder, overlap=True), _peer(setup, chunks, rank)]
             samples: dict[str, list[list[list[float]]]] = {c.name: [] for c in contenders}
             zero = setup.tf == 0 and setup.tb == 0
             reps = args.zero_reps if zero else args.reps
@@ -345,8 +311,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--png", default=None, help="timeline of one measured step (largest v and m)")
     parser.add_argument("--trace", default=None, help="Chrome trace JSON of one measured step")
-    parser.add_argument("--runner", default=None, metavar="FILE.py:CLASS",
-                        help="also run our schedules with this PlanRunner subclass (an executor change to try)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before the run is abandoned")
     parser.add_argument("--p2p-timeout", type=float, default=60.0)
     return parser
