@@ -19,9 +19,10 @@ receive can hold back a later send. The batched default (``overlap_p2p_comm=Fals
 proven for NCCL. With headers (``variable_seq_lengths`` or ``check_p2p_shapes``) the schedules use the
 default mode, whose framed exchange already leaves sends unwaited.
 
-On a failure, neighbours are told as in the default mode (:mod:`pipeschedule.abort`). Nothing has to
-be drained first: no neighbour ever blocks on a send to this rank before the step's end, and there
-its wait is bounded by ``config.p2p_timeout``.
+On a failure, neighbours are told as in the default mode (:mod:`pipeschedule.abort`), and what a
+neighbour still sends this rank is taken, so that a neighbour this rank owes nothing more can
+finish its step instead of timing out: receives already posted for those messages are waited on,
+the rest are posted then.
 """
 
 from __future__ import annotations
@@ -106,6 +107,12 @@ class OverlappedRunner(PlanRunner):
         if observer:
             observer(ScheduleEvent(self.link.rank, "exchange", None, Exchange(recvs=(msg,)), start, time.perf_counter()))
 
-    def _due_from(self, peer: int) -> tuple[list[Message], bool]:
-        # No neighbour blocks on a send to this rank before the end of its step (module docstring).
-        return [], True
+    def _take(self, peer: int, due: list[Message], hears_from_us: bool) -> None:
+        # Receives already posted for some of ``due`` come first on the channel (they were posted
+        # in plan order): wait on those, and post new receives only for the rest.
+        posted = [m for m in due if m in self.expected]
+        for msg in posted:
+            work, _, _ = self.expected.pop(msg)
+            wait_bounded(work, link=self.link, peer=peer, what=f"took {msg.label()} after a failure", timeout=self.config.p2p_timeout)
+        self.received.update(posted)
+        super()._take(peer, [m for m in due if m not in posted], hears_from_us)

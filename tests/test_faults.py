@@ -109,7 +109,13 @@ def test_a_killed_rank_is_named_by_every_survivor(pool, mode):
 
 @pytest.mark.parametrize(
     ("schedule", "v", "m", "failed", "kind", "microbatch", "chunk"),
-    [("1f1b", 1, 6, 1, "F", 2, 0), ("1f1b", 1, 6, 2, "B", 1, 0), ("interleaved", 2, 8, 2, "F", 5, 1), ("interleaved", 2, 8, 3, "L", 3, 1)],
+    [
+        ("1f1b", 1, 6, 1, "F", 2, 0),
+        ("1f1b", 1, 6, 2, "B", 1, 0),
+        ("interleaved", 2, 8, 2, "F", 5, 1),
+        ("interleaved", 2, 8, 3, "L", 3, 1),
+        ("interleaved", 2, 4, 0, "B", 0, 0),  # the failed rank owes nothing more: others must still finish or hear
+    ],
 )
 def test_overlapped_communication_stops_every_rank(pool, schedule, v, m, failed, kind, microbatch, chunk):
     case = Case(schedule, p=4, v=v, m=m, seed=7, p2p_timeout=TIMEOUT, fresh_group=True, overlap=True,
@@ -123,4 +129,5 @@ def test_overlapped_communication_stops_every_rank(pool, schedule, v, m, failed,
         for a in s.actions if (a.kind, a.microbatch, a.chunk) == ("F" if kind == "L" else kind, microbatch, chunk)
     )
     times = check_outcome(case, results, failed, failing["t_fault"], step_index, "InjectedFault")
-    assert times  # somebody depended on the failed rank and raised
+    # Every rank still owed a message by the failed one raised, naming it; the others may finish.
+    assert must_hear(case, failed, step_index) <= set(times)
