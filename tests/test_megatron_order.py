@@ -38,7 +38,7 @@ def megatron_order(p, r, v, m, forward_only):
     return order
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(
     p=st.integers(1, 8), v=st.integers(1, 4), groups=st.integers(1, 6), extra=st.integers(0, 7), fo=st.booleans()
 )

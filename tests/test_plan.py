@@ -41,7 +41,7 @@ def expected_warmup(p, r, v, m, forward_only, g):
     return min(2 * (p - r - 1) + (v - 1) * g, m * v)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(configs())
 def test_counts_match_the_formulas(cfg):
     p, v, m, fo, g = cfg
@@ -59,7 +59,7 @@ def test_counts_match_the_formulas(cfg):
         assert phases[("warmup", "B")] == phases[("cooldown", "F")] == 0
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(configs())
 def test_each_microbatch_once_and_backwards_in_order(cfg):
     p, v, m, fo, g = cfg
@@ -79,7 +79,7 @@ def test_each_microbatch_once_and_backwards_in_order(cfg):
         assert steady == ["F", "B"] * (len(steady) // 2)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(configs())
 def test_forwards_follow_the_order_table(cfg):
     p, v, m, fo, g = cfg
@@ -91,7 +91,7 @@ def test_forwards_follow_the_order_table(cfg):
             assert [(a.microbatch, a.chunk) for a in plan.actions if a.kind == "B"] == [(mb, v - 1 - c) for mb, c in table]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(configs())
 def test_peak_live_activations_is_warmup_plus_one(cfg):
     p, v, m, fo, g = cfg
@@ -101,7 +101,7 @@ def test_peak_live_activations_is_warmup_plus_one(cfg):
             assert peak_live_activations(plan) == min(p - plan.r, m)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(configs())
 def test_every_send_meets_its_receive_without_deadlock(cfg):
     p, v, m, fo, g = cfg
