@@ -84,6 +84,11 @@ class PipelineConfig:
     max_message_numel: int = 1 << 31
     overlap_p2p_comm: bool = False
 
+    @property
+    def sends_headers(self) -> bool:
+        """Whether every message is preceded by a shape header (:mod:`pipeschedule.framed`)."""
+        return bool(self.variable_seq_lengths or self.check_p2p_shapes)
+
 
 _DEFAULTS = {f.name: f.default for f in fields(PipelineConfig)}
 

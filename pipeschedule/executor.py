@@ -31,15 +31,12 @@ from pipeschedule.p2p import Neighbours, TensorSpec, exchange
 from pipeschedule.plan import Action, Exchange, Message, RankPlan, Step
 from pipeschedule.sync import GradSync
 from pipeschedule.wire import Reason, plan_fingerprint
+from pipeschedule.wrapped import inner_module
 
 
 
 def _set_input(chunk: torch.nn.Module, tensor: torch.Tensor | None) -> None:
-    # Wrappers such as DistributedDataParallel keep the user's module in ``.module``.
-    target = chunk
-    while not hasattr(target, "set_input_tensor") and hasattr(target, "module"):
-        target = target.module
-    setter = getattr(target, "set_input_tensor", None)
+    setter = getattr(inner_module(chunk, having="set_input_tensor"), "set_input_tensor", None)
     if setter is not None:
         setter(tensor)
     elif tensor is not None:
@@ -84,7 +81,7 @@ class PlanRunner(FailureHandling):
         self.loss_arity: int | None = None
         # ``spec`` is None with variable shapes; messages are then allocated from headers, here.
         self.device = spec.device if spec is not None else (device or torch.device("cpu"))
-        self.framed = bool(config.variable_seq_lengths or config.check_p2p_shapes)
+        self.framed = config.sends_headers
         self.fingerprint = plan_fingerprint(p=plan.p, v=plan.v, m=plan.m, group_size=plan.group_size, forward_only=plan.forward_only)
         self.pending = PendingSends()
         # What this rank is doing, for the abort record if it fails: a reason code and the action.

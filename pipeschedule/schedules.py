@@ -108,7 +108,7 @@ def _device_of(chunks: list[torch.nn.Module]) -> torch.device:
 
 def _check_config(config: PipelineConfig) -> None:
     """The communication settings, checked before anything is sent."""
-    for name in ("variable_seq_lengths", "check_p2p_shapes"):
+    for name in ("variable_seq_lengths", "check_p2p_shapes", "overlap_p2p_comm"):
         value = getattr(config, name)
         if not isinstance(value, bool):
             raise TypeError(f"config.{name} must be True or False, got {value!r}")
@@ -123,7 +123,7 @@ def _check_config(config: PipelineConfig) -> None:
         raise ValueError(f"config.max_message_numel must be a positive integer, got {cap!r}")
     if not isinstance(config.pipeline_dtype, torch.dtype):
         raise TypeError(f"config.pipeline_dtype must be a torch.dtype, got {config.pipeline_dtype!r}")
-    if config.variable_seq_lengths or config.check_p2p_shapes:
+    if config.sends_headers:
         dtype_code(config.pipeline_dtype)  # raises for a dtype the header table cannot name
 
 
@@ -164,7 +164,7 @@ def _run(
             tensor_shape=tensor_shape, seq_length=seq_length, micro_batch_size=micro_batch_size, config=cfg, chunks=chunks
         )
     # Overlap needs fixed shapes; the framed exchange used with headers leaves its sends unwaited anyway.
-    overlapped = cfg.overlap_p2p_comm and link.size > 1 and not (cfg.variable_seq_lengths or cfg.check_p2p_shapes)
+    overlapped = cfg.overlap_p2p_comm and link.size > 1 and not cfg.sends_headers
     runner = (OverlappedRunner if overlapped else PlanRunner)(
         plan=plan, link=link, forward_step_func=forward_step_func, data_iterators=iterators, chunks=chunks,
         config=cfg, spec=spec, collect_non_loss_data=collect_non_loss_data, sync_last_forward=no_pipelining,

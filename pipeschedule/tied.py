@@ -30,25 +30,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeschedule.wrapped import inner_module
+
 __all__ = ["make_finalize_model_grads", "sum_tied_embedding_grads", "tied_embedding_weights"]
 
 logger = logging.getLogger(__name__)
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    while not hasattr(module, "shared_embedding_weight"):
-        inner = getattr(module, "module", None)
-        if not isinstance(inner, nn.Module):
-            break
-        module = inner
-    return module
 
 
 def tied_embedding_weights(model_chunks: Sequence[nn.Module]) -> list[nn.Parameter]:
     """The distinct tied-weight Parameters held by ``model_chunks``, in chunk order (maybe empty)."""
     found: list[nn.Parameter] = []
     for chunk in model_chunks:
-        getter = getattr(_unwrap(chunk), "shared_embedding_weight", None)
+        getter = getattr(inner_module(chunk, having="shared_embedding_weight"), "shared_embedding_weight", None)
         weight = getter() if getter is not None else None
         if weight is not None and not any(weight is w for w in found):
             found.append(weight)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeschedule.partition import Partition
+from pipeschedule.wrapped import inner_module
 
 __all__ = ["GPTChunk", "GPTConfig", "build_gpt_chunks", "make_forward_step"]
 
@@ -316,11 +317,7 @@ def build_gpt_chunks(
 
 def _unwrap(module: nn.Module) -> GPTChunk:
     """The :class:`GPTChunk` inside wrappers such as ``DistributedDataParallel`` (which keep it in ``.module``)."""
-    while not isinstance(module, GPTChunk):
-        inner = getattr(module, "module", None)
-        if not isinstance(inner, nn.Module):
-            break
-        module = inner
+    module = inner_module(module, having="shared_embedding_weight")
     if not isinstance(module, GPTChunk):
         raise TypeError(f"expected a GPTChunk (possibly wrapped, e.g. in DistributedDataParallel), got {type(module).__name__}")
     return module
