@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -80,26 +81,31 @@ class FailureHandling:
         neighbours = sorted({self.link.prev, self.link.next} - {record.rank, self.link.rank} - desynced)
         due = {peer: self._due_from(peer) for peer in neighbours}
         told: list[int] = []
-        works: list[tuple[int, Any]] = []
-        # Neighbours with nothing to drain first: a drain may wait on a rank that itself waits on
-        # the notice we send here. With fixed shapes, a neighbour's pending sends to us are taken
-        # before our notice to it is posted: it may have to finish them before it receives, and
-        # gloo was seen to leave a send and a receive posted at once on one connection unmatched.
-        for tensor, peer in sorted(sends, key=lambda item: bool(due.get(item[1], ([], False))[0]) and not self.framed):
+
+
+        def tell(tensor: torch.Tensor, peer: int) -> None:
             try:
                 if not self.framed:
                     self._take(peer, *due.get(peer, ([], True)))
-                works += [(peer, w) for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, tensor, group=self.link.group, group_peer=peer)])]
+                works = dist.batch_isend_irecv([dist.P2POp(dist.isend, tensor, group=self.link.group, group_peer=peer)])
+                for work in works:
+                    wait_bounded(work, link=self.link, peer=peer, what="sent an abort notice", timeout=self.config.p2p_timeout)
+                told.append(peer)
             except Exception as err:  # the neighbour may be gone too; our own error matters more
                 logger.warning("could not tell %s that the step failed: %s", self.link.name(peer), err)
-        for peer, work in works:
-            try:
-                wait_bounded(work, link=self.link, peer=peer, what="sent an abort notice", timeout=self.config.p2p_timeout)
-                told.append(peer)
-            except Exception as err:
-                logger.warning("could not tell %s that the step failed: %s", self.link.name(peer), err)
+
+        # With fixed shapes, a neighbour's pending sends to us are taken before our notice to it is
+        # posted: it may have to finish them before it receives, and gloo was seen to leave a send
+        # and a receive posted at once on one connection unmatched. Each neighbour is served on a
+        # thread of its own: what one still sends us may wait on the other hearing from us first
+        # (p = 3: both neighbours talk to each other), so no order of the two is safe in general.
+        threads = [threading.Thread(target=tell, args=(tensor, peer), daemon=True) for tensor, peer in sends]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=3 * self.config.p2p_timeout + 5)  # every wait inside is bounded
         if told and hasattr(exc, "add_note"):
-            exc.add_note(f"pipeschedule: told {', '.join(self.link.name(r) for r in told)} that the step failed")
+            exc.add_note(f"pipeschedule: told {', '.join(self.link.name(r) for r in sorted(told))} that the step failed")
         for peer in neighbours:
             if self.framed or peer not in targets:
                 try:

@@ -24,7 +24,9 @@ class ScheduleEvent:
     """What an observer is told: one action or one exchange, after it ran.
 
     ``start`` and ``end`` are ``time.perf_counter()`` readings on this rank; for an exchange the
-    span is the time spent posting and waiting on communication.
+    span is the time spent posting and waiting on communication. An observer with a true attribute
+    ``wants_held_bytes`` also gets, after each action, the bytes of the stage inputs and outputs
+    this rank still holds (kept for backward, waiting to be sent or consumed), storages counted once.
     """
 
     rank: int
@@ -33,6 +35,7 @@ class ScheduleEvent:
     exchange: Exchange | None
     start: float
     end: float
+    held_bytes: int | None = None  # after an action, when the observer asks for it (see below)
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,9 @@ class PipelineConfig:
       header raises instead of allocating.
     * ``overlap_p2p_comm``: post receives early, wait on each just before its tensor is used, and
       never wait on a send until the step ends (:mod:`pipeschedule.overlap`); proven on gloo.
+    * ``deallocate_pipeline_outputs``: once a stage's output is handed to the send, its data is
+      released (:mod:`pipeschedule.memory`); the memory goes when the send is done, and backward
+      still works from the output's autograd graph.
     """
 
     hidden_size: int | None = None
@@ -83,6 +89,7 @@ class PipelineConfig:
     p2p_timeout: float = 300.0
     max_message_numel: int = 1 << 31
     overlap_p2p_comm: bool = False
+    deallocate_pipeline_outputs: bool = False
 
     @property
     def sends_headers(self) -> bool:

@@ -16,6 +16,7 @@ so every rank raises and none hangs.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from pipeschedule.abort import FailureHandling
 from pipeschedule.config import PipelineConfig, ScheduleEvent
 from pipeschedule.errors import ShapeMismatchError
 from pipeschedule.framed import Incoming, PendingSends, framed_exchange
+from pipeschedule.memory import held_bytes, release_output
 from pipeschedule.p2p import Neighbours, TensorSpec, exchange
 from pipeschedule.plan import Action, Exchange, Message, RankPlan, Step
 from pipeschedule.sync import GradSync
@@ -35,15 +37,45 @@ from pipeschedule.wrapped import inner_module
 
 
 
-def _set_input(chunk: torch.nn.Module, tensor: torch.Tensor | None) -> None:
+_NOTHING = contextlib.nullcontext()
+
+
+def _profiler_enabled() -> bool:
+    """Whether a torch profiler is recording; ``record_function`` costs a dispatcher call even when none is."""
+    check = getattr(torch._C._autograd, "_profiler_enabled", None)
+    return True if check is None else bool(check())
+
+
+def _input_setter(chunk: torch.nn.Module) -> Callable[[torch.Tensor | None], None]:
     setter = getattr(inner_module(chunk, having="set_input_tensor"), "set_input_tensor", None)
     if setter is not None:
-        setter(tensor)
-    elif tensor is not None:
-        raise TypeError(
-            f"model chunk {type(chunk).__name__} has no set_input_tensor(tensor) method, so it cannot take the "
-            f"activation received from the previous stage; add one that stores the tensor for forward()"
-        )
+        return setter
+
+    def missing(tensor: torch.Tensor | None) -> None:
+        if tensor is not None:
+            raise TypeError(
+                f"model chunk {type(chunk).__name__} has no set_input_tensor(tensor) method, so it cannot take the "
+                f"activation received from the previous stage; add one that stores the tensor for forward()"
+            )
+
+    return missing
+
+
+def run_backward(output: torch.Tensor, grad: torch.Tensor | None) -> None:
+    """Backpropagate ``grad`` from ``output`` into the graph, accumulating into ``.grad`` as usual.
+
+    Unlike ``torch.autograd.backward`` this skips the Python-side comparison of ``grad`` with
+    ``output``'s current data, so it also works after :func:`pipeschedule.memory.release_output`
+    has freed that data; autograd itself still checks ``grad`` against the shape recorded when
+    ``output`` was made. ``grad=None`` is allowed for a one-element output (a loss).
+    """
+    if grad is None:
+        if output.numel() != 1:
+            raise RuntimeError(f"a gradient can be implied only for a one-element output, got shape {tuple(output.shape)}")
+        grad = torch.ones_like(output, memory_format=torch.preserve_format)
+    torch.autograd.Variable._execution_engine.run_backward(
+        (output,), (grad,), keep_graph=False, create_graph=False, inputs=(), allow_unreachable=True, accumulate_grad=True
+    )
 
 
 class PlanRunner(FailureHandling):
@@ -92,6 +124,9 @@ class PlanRunner(FailureHandling):
         self.received: set[Message] = set()
         self.closing_sent = False  # the token count message to the previous rank
         self.closing_received = False
+        self.input_setters = [_input_setter(chunk) for chunk in chunks]
+        self.release_outputs = config.deallocate_pipeline_outputs
+        self.released = 0  # outputs whose data was released (deallocate_pipeline_outputs)
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -133,18 +168,29 @@ class PlanRunner(FailureHandling):
 
     def _timed_action(self, action: Action) -> None:
         observer = self.config.observer
-        start = time.perf_counter() if observer else 0.0
+        start = time.perf_counter() if observer is not None else 0.0
         self.where = f"ran {action.label(self.plan.v)}"
         self.doing = (Reason.FORWARD if action.kind == "F" else Reason.BACKWARD, action)
         self.sync.before(action)
-        with torch.profiler.record_function(f"pipeschedule.{action.label(self.plan.v)}"):
+        # Everything between two actions is on the critical path of a pipeline; the profiler
+        # range is opened only when a profiler records it.
+        profiled = torch.profiler.record_function(f"pipeschedule.{action.label(self.plan.v)}") if _profiler_enabled() else _NOTHING
+        with profiled:
             if action.kind == "F":
                 self._forward(action)
             else:
                 self._backward(action)
         self.sync.after(action)
-        if observer:
-            observer(ScheduleEvent(self.link.rank, "action", action, None, start, time.perf_counter()))
+        if observer is not None:
+            end = time.perf_counter()
+            held = held_bytes(self._held_tensors()) if getattr(observer, "wants_held_bytes", False) else None
+            observer(ScheduleEvent(self.link.rank, "action", action, None, start, end, held))
+
+    def _held_tensors(self) -> list[torch.Tensor | None]:
+        """Every stage input and output this rank holds right now."""
+        held = [t for pair in self.saved.values() for t in pair]
+        held += [*self.inbox.values(), *self.outbox.values(), *self.local]
+        return held + [tensor for _, _, tensor, _ in self.pending.works]
 
     def _is_last(self, chunk: int) -> bool:
         return self.plan.stage(chunk) == self.plan.num_stages - 1
@@ -157,8 +203,9 @@ class PlanRunner(FailureHandling):
         input_tensor = None if msg is None else self.inbox.pop(msg)
         if input_tensor is not None and not self.plan.forward_only:
             input_tensor.requires_grad_(True)
-        _set_input(self.chunks[chunk], input_tensor)
-        with torch.no_grad() if self.plan.forward_only else torch.enable_grad():
+        self.input_setters[chunk](input_tensor)
+        grad_mode = torch.no_grad() if self.plan.forward_only else _NOTHING if torch.is_grad_enabled() else torch.enable_grad()
+        with grad_mode:
             try:
                 result = self.forward_step_func(self.data_iterators[chunk], self.chunks[chunk])
             except StopIteration as exc:
@@ -176,7 +223,11 @@ class PlanRunner(FailureHandling):
         out_msg = self.plan.output_message(action)
         if out_msg is not None:
             self._check_activation(output, action)
-            self.outbox[out_msg] = output.detach()
+            # A detached alias is sent: it keeps the data alive until the send is done, even
+            # when the output's own data is released below.
+            self._emit(out_msg, output.detach())
+            if self.release_outputs and not self.plan.forward_only:
+                self.released += release_output(output)
         if not self.plan.forward_only:
             self.saved[(action.microbatch, chunk)] = (input_tensor, output)
 
@@ -216,12 +267,16 @@ class PlanRunner(FailureHandling):
         input_tensor, output = self.saved.pop((action.microbatch, action.chunk))
         msg = self.plan.input_message(action)
         output_grad = None if msg is None else self.inbox.pop(msg)
-        torch.autograd.backward(output, grad_tensors=output_grad)
+        run_backward(output, output_grad)
         out_msg = self.plan.output_message(action)
         if out_msg is not None:
             grad = input_tensor.grad
             # A chunk that ignores its input still owes the previous stage a gradient: zero.
-            self.outbox[out_msg] = torch.zeros_like(input_tensor) if grad is None else grad
+            self._emit(out_msg, torch.zeros_like(input_tensor) if grad is None else grad)
+
+    def _emit(self, msg: Message, tensor: torch.Tensor) -> None:
+        """``tensor`` is ``msg``'s data; the step's exchange sends it."""
+        self.outbox[msg] = tensor
 
     def _check_activation(self, output: torch.Tensor, action: Action) -> None:
         if self.plan.p == 1:  # nothing crosses a process boundary
@@ -254,7 +309,7 @@ class PlanRunner(FailureHandling):
         if not ex:
             return
         observer = self.config.observer
-        start = time.perf_counter() if observer else 0.0
+        start = time.perf_counter() if observer is not None else 0.0
         p = self.plan.p
         if p == 1:
             # Every neighbour is this rank: hand the tensors over directly, as copies, so a chunk
@@ -270,17 +325,25 @@ class PlanRunner(FailureHandling):
                     self.link, sends=sends, recvs=[Incoming(msg.src_stage % p, msg.label(), expect) for msg in ex.recvs],
                     device=self.device, fingerprint=self.fingerprint, max_numel=self.config.max_message_numel,
                     timeout=self.config.p2p_timeout, pending=self.pending, what=self.where, v=self.plan.v,
+                    received=lambda i: self.received.add(ex.recvs[i]),
                 )
             else:
                 recvs = [(self.spec, msg.src_stage % p) for msg in ex.recvs]
                 got = exchange(
                     self.link, sends=sends, recvs=recvs, timeout=self.config.p2p_timeout, what=what,
-                    on_received=lambda tensors: [self._raise_if_abort(t, msg) for t, msg in zip(tensors, ex.recvs)],
+                    on_received=lambda tensors: self._check_received(ex.recvs, tensors),
                 )
         self.inbox.update(zip(ex.recvs, got))
         self.received.update(ex.recvs)
-        if observer:
+        if observer is not None:
             observer(ScheduleEvent(self.link.rank, "exchange", None, ex, start, time.perf_counter()))
+
+    def _check_received(self, msgs: tuple[Message, ...], tensors: list[torch.Tensor]) -> None:
+        """All of ``msgs`` are off the channel: note that first (a failure's clean-up must not wait
+        for them again), then raise if one of them is an abort notice."""
+        self.received.update(msgs)
+        for tensor, msg in zip(tensors, msgs):
+            self._raise_if_abort(tensor, msg)
 
     def _normalise_per_token(self) -> None:
         """With per-token losses, divide every gradient by the step's total token count.

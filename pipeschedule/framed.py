@@ -27,7 +27,7 @@ gloo, where each operation completes on its own.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -42,18 +42,27 @@ __all__ = ["Incoming", "PendingSends", "framed_exchange"]
 
 @dataclass
 class PendingSends:
-    """Sends posted and not yet known to be complete, with the tensors they read from."""
+    """Sends posted and not yet waited on, with the tensors they read from (kept alive until then).
 
-    works: list[tuple[dist.Work, int, torch.Tensor]] = field(default_factory=list)
+    Each entry is ``(work, peer, tensor, step)``, ``step`` being the step that posted it. On gloo,
+    ``is_completed()`` stays false until ``wait()`` is called, so there a send and its tensor are let
+    go only by waiting on it: callers wait where that cannot deadlock (``before``).
+    """
+
+    works: list[tuple[dist.Work, int, torch.Tensor, int]] = field(default_factory=list)
+
+    def add(self, work: dist.Work, peer: int, tensor: torch.Tensor, step: int = 0) -> None:
+        self.works.append((work, peer, tensor, step))
 
     def drop_completed(self) -> None:
-        """Forget sends that finished, so their tensors can be freed before the step ends."""
+        """Forget sends known to be finished (NCCL knows; gloo does not say), so their tensors can be freed."""
         self.works = [item for item in self.works if not item[0].is_completed()]
 
-    def wait(self, *, link: Neighbours, timeout: float | None) -> None:
-        while self.works:
-            work, peer, _ = self.works[0]
-            wait_bounded(work, link=link, peer=peer, what="waited for its last sends to be received", timeout=timeout)
+    def wait(self, *, link: Neighbours, timeout: float | None, before: int | None = None) -> None:
+        """Wait on the sends posted before step ``before`` (all of them when ``None``), in posting order."""
+        while self.works and (before is None or self.works[0][3] < before):
+            work, peer, _, _ = self.works[0]
+            wait_bounded(work, link=link, peer=peer, what="waited for its sends to be received", timeout=timeout)
             self.works.pop(0)
 
 
@@ -79,8 +88,12 @@ def framed_exchange(
     pending: PendingSends,
     what: str,
     v: int = 1,
+    received: Callable[[int], object] | None = None,
 ) -> list[torch.Tensor]:
     """Run one exchange with headers; return the received tensors in the order of ``recvs``.
+
+    ``received(i)`` is called as soon as ``recvs[i]`` is off the channel (also when an abort notice
+    came in its place), so after a failure the caller knows exactly what is still on its way.
 
     Raises :class:`~pipeschedule.errors.PeerFailedError` when a header is an abort notice,
     :class:`~pipeschedule.errors.ShapeMismatchError` when a header differs from ``expect``, and
@@ -96,10 +109,21 @@ def framed_exchange(
     if ops:
         works = post(link, ops, peers=[peer for peer, _ in keep], what=what, timeout=timeout)
         if len(works) == len(ops):
-            pending.works.extend((w, peer, t) for w, (peer, t) in zip(works, keep))
+            for w, (peer, t) in zip(works, keep):
+                pending.add(w, peer, t)
         else:  # a coalescing backend: one work for the batch
-            pending.works.extend((w, keep[0][0], keep[0][1]) for w in works)
-    got = [_receive(link, msg, device=device, fingerprint=fingerprint, max_numel=max_numel, timeout=timeout, what=what, v=v) for msg in recvs]
+            for w in works:
+                pending.add(w, keep[0][0], keep[0][1])
+    got = []
+    for i, msg in enumerate(recvs):
+        try:
+            got.append(_receive(link, msg, device=device, fingerprint=fingerprint, max_numel=max_numel, timeout=timeout, what=what, v=v))
+        except PeerFailedError as exc:
+            if getattr(exc, "consumed", False) and received is not None:
+                received(i)  # an abort notice took this message's place on the channel
+            raise
+        if received is not None:
+            received(i)
     pending.drop_completed()
     return got
 
@@ -133,11 +157,13 @@ def _receive_checked(
     peer_name = link.name(msg.peer)
     decoded = decode(header, max_numel=max_numel, peer=peer_name)
     if isinstance(decoded, AbortRecord):
-        raise PeerFailedError(
+        notice = PeerFailedError(
             f"{decoded.describe(v)}; {link.name(link.rank)} learnt it from {peer_name} while it {doing}. "
             f"Look at the failed rank's log for its error; {RESTART}",
             record=decoded,
         )
+        notice.consumed = True  # type: ignore[attr-defined]
+        raise notice
     shape, dtype, theirs = decoded
     if theirs != fingerprint:
         raise PipelineError(

@@ -2,15 +2,26 @@
 
 The plan is the one every schedule uses; only the waiting changes.
 
-* The receives of exchange ``i + 1 + LOOKAHEAD`` are posted before step ``i`` runs.
+* Receives are posted in the plan's order, ahead of need: at the end of step ``i`` up to exchange
+  ``i + 2 + LOOKAHEAD`` (the strict plan has posted up to ``i + 1`` by then).
 * Each receive is waited on right before the action that consumes its tensor.
-* A send is posted right after the action that produced its tensor. It is waited on only at the end of
-  the step; completed sends are forgotten as the step goes, so their tensors can be freed.
+* A send is posted as soon as its tensor exists, inside the action, before the action's own
+  bookkeeping. The sends of step ``i`` are waited on at the end of step ``i + 1``, by when their
+  receivers have long posted the matching receives, so the wait is over at once and the tensors
+  (gradients, released outputs) are freed two steps after they are made, not at the end of the
+  training step. (On gloo nothing else frees them: a send's ``is_completed()`` stays false until
+  it is waited on.)
 
-Why it cannot deadlock: during the step a rank waits only on receives, and only for data its next
-action consumes. Each such wait is no earlier than the plan's own exchange waited for it, and the
-plan's strict exchanges are proven deadlock-free (:func:`pipeschedule.check.check_pipeline`): taking
-waits away removes reasons to block and adds none. On every channel both sides post in the plan's
+What runs between a rank's receive and its next compute, and between a compute and its send, is
+what a pipeline's critical path is made of besides compute: every hop from one stage to the next
+pays it. So that stretch does as little as it can (measured with ``scripts/bench.py``).
+
+Why it cannot deadlock: a rank waits on a receive only right before the action that consumes it,
+and on a send one step after the strict plan would have; every receive is posted no later than the
+strict plan posts it. So each wait comes no earlier than the plan's own exchange waited for the same
+operation, with its peer's side posted no later, and the plan's strict exchanges are proven
+deadlock-free (:func:`pipeschedule.check.check_pipeline`): delaying waits and advancing posts
+removes reasons to block and adds none. On every channel both sides post in the plan's
 order, so each tensor lands in the buffer meant for it.
 
 Backends: on gloo every operation completes on its own, which is what this mode relies on. NCCL
@@ -35,7 +46,7 @@ import torch.distributed as dist
 
 from pipeschedule.config import ScheduleEvent
 from pipeschedule.executor import PlanRunner
-from pipeschedule.p2p import post, wait_bounded
+from pipeschedule.p2p import post, post_send, wait_bounded
 from pipeschedule.plan import Action, Exchange, Message, Step
 
 __all__ = ["OverlappedRunner"]
@@ -74,6 +85,7 @@ class OverlappedRunner(PlanRunner):
         self._post_receives(1 + LOOKAHEAD)
 
     def _finish_step(self, step: Step) -> None:
+        self.pending.wait(link=self.link, timeout=self.config.p2p_timeout, before=self.steps_done)
         self.steps_done += 1
         # Every send of this step has been posted: failure notices now go to later messages' peers.
         self.next_exchange = self.steps_done + 1
@@ -86,25 +98,24 @@ class OverlappedRunner(PlanRunner):
         if msg is not None and msg not in self.inbox:
             self._await(msg)
         super()._timed_action(action)
-        out = self.plan.output_message(action)
-        if out is not None:
-            tensor = self.outbox.pop(out)
-            peer = out.dst_stage % self.plan.p
-            op = dist.P2POp(dist.isend, tensor, group=self.link.group, group_peer=peer)
-            works = post(self.link, [op], peers=[peer], what=f"{self.where}, sending {out.label()}", timeout=self.config.p2p_timeout)
-            self.pending.works.extend((work, peer, tensor) for work in works)
-            self.pending.drop_completed()
+
+    def _emit(self, msg: Message, tensor: torch.Tensor) -> None:
+        peer = msg.dst_stage % self.plan.p
+        work = post_send(self.link, tensor, peer, what=f"{self.where}, sending {msg.label()}", timeout=self.config.p2p_timeout)
+        self.pending.add(work, peer, tensor, self.steps_done)
+
+    def _held_tensors(self) -> list[torch.Tensor | None]:
+        return super()._held_tensors() + [buffer for _, buffer, _ in self.expected.values()]
 
     def _await(self, msg: Message) -> None:
         observer = self.config.observer
-        start = time.perf_counter() if observer else 0.0
+        start = time.perf_counter() if observer is not None else 0.0
         work, buffer, peer = self.expected.pop(msg)
         self.where = f"waited for {msg.label()}"
         wait_bounded(work, link=self.link, peer=peer, what=self.where, timeout=self.config.p2p_timeout)
-        self._raise_if_abort(buffer, msg)
+        self._check_received((msg,), [buffer])
         self.inbox[msg] = buffer
-        self.received.add(msg)
-        if observer:
+        if observer is not None:
             observer(ScheduleEvent(self.link.rank, "exchange", None, Exchange(recvs=(msg,)), start, time.perf_counter()))
 
     def _take(self, peer: int, due: list[Message], hears_from_us: bool) -> None:

@@ -145,6 +145,14 @@ def post(link: Neighbours, ops: list[dist.P2POp], *, peers: Sequence[int], what:
         raise _link_failure(link, peers[0] if len(set(peers)) == 1 else -1, what, exc, timeout) from exc
 
 
+def post_send(link: Neighbours, tensor: torch.Tensor, peer: int, *, what: str, timeout: float | None) -> dist.Work:
+    """``isend`` one tensor to group rank ``peer`` (no batch: one operation needs none); failures name the peer."""
+    try:
+        return dist.isend(tensor, group=link.group, group_dst=peer)
+    except RuntimeError as exc:
+        raise _link_failure(link, peer, what, exc, timeout) from exc
+
+
 def exchange(
     link: Neighbours,
     *,

@@ -108,7 +108,7 @@ def _device_of(chunks: list[torch.nn.Module]) -> torch.device:
 
 def _check_config(config: PipelineConfig) -> None:
     """The communication settings, checked before anything is sent."""
-    for name in ("variable_seq_lengths", "check_p2p_shapes", "overlap_p2p_comm"):
+    for name in ("variable_seq_lengths", "check_p2p_shapes", "overlap_p2p_comm", "deallocate_pipeline_outputs"):
         value = getattr(config, name)
         if not isinstance(value, bool):
             raise TypeError(f"config.{name} must be True or False, got {value!r}")

@@ -36,7 +36,7 @@ __all__ = ["PipelineTrace", "TraceRecorder", "TracedEvent"]
 # Row layout of the gathered float64 tensor; codes keep the exchange free of strings.
 _KIND_CODES = {"F": 0, "B": 1, "X": 2}  # X: an exchange
 _PHASE_CODES = {"warmup": 0, "steady": 1, "cooldown": 2}
-_WIDTH = 8  # kind, microbatch, chunk, phase, start, end, sends, recvs
+_WIDTH = 9  # kind, microbatch, chunk, phase, start, end, sends, recvs, held bytes (-1: not recorded)
 _PING_ROUNDS = 8
 
 
@@ -58,6 +58,7 @@ class TracedEvent:
     end: float
     sends: int = 0
     recvs: int = 0
+    held_bytes: int | None = None  # after an action, with TraceRecorder(held_bytes=True)
 
     @property
     def duration(self) -> float:
@@ -86,6 +87,14 @@ class PipelineTrace:
     def comm_wait(self) -> list[float]:
         """Seconds each rank spent in exchanges (posting and waiting on communication)."""
         return [sum(e.duration for e in rank if e.kind == "X") for rank in self.ranks]
+
+    def peak_held_bytes(self) -> list[int | None]:
+        """Per rank, the most bytes of stage inputs and outputs held after any action (``None`` if not recorded)."""
+        peaks = []
+        for rank in self.ranks:
+            held = [e.held_bytes for e in rank if e.held_bytes is not None]
+            peaks.append(max(held) if held else None)
+        return peaks
 
     def busy(self) -> list[float]:
         """Seconds each rank spent in actions."""
@@ -118,6 +127,9 @@ class PipelineTrace:
                     "ph": "X", "pid": 0, "tid": r, "name": e.label(v), "cat": cat,
                     "ts": e.start * 1e6, "dur": max(e.duration, 0.0) * 1e6, "args": args,
                 })
+                if e.held_bytes is not None:  # a counter track per rank
+                    events.append({"ph": "C", "pid": 0, "name": f"held bytes, rank {r}", "ts": e.end * 1e6,
+                                   "args": {"bytes": e.held_bytes}})
         return {"traceEvents": events, "displayTimeUnit": "ms"}
 
     def write_chrome_trace(self, path: str) -> None:
@@ -147,23 +159,29 @@ class TraceRecorder:
 
     Recording appends a tuple of numbers and nothing else, so it costs about a microsecond per
     event. :meth:`gather` (a collective) aligns clocks and brings every rank's rows to one rank.
+
+    With ``held_bytes=True`` each action's row also gets the bytes of stage inputs and outputs the
+    rank holds after it (:class:`~pipeschedule.config.ScheduleEvent`), which costs a walk over
+    those tensors per action: use it to measure memory, not time.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, held_bytes: bool = False) -> None:
         self._rows: list[tuple[float, ...]] = []
         self._rank: int | None = None
+        self.wants_held_bytes = held_bytes
 
     def __call__(self, event: ScheduleEvent) -> None:
         self._rank = event.rank
         if event.what == "action":
             a: Action = event.action  # type: ignore[assignment]
-            row = (_KIND_CODES[a.kind], a.microbatch, a.chunk, _PHASE_CODES[a.phase], event.start, event.end, 0, 0)
+            held = -1 if event.held_bytes is None else event.held_bytes
+            row = (_KIND_CODES[a.kind], a.microbatch, a.chunk, _PHASE_CODES[a.phase], event.start, event.end, 0, 0, held)
         else:
             ex = event.exchange
-            row = (2, -1, -1, -1, event.start, event.end, len(ex.sends), len(ex.recvs))  # type: ignore[union-attr]
+            row = (2, -1, -1, -1, event.start, event.end, len(ex.sends), len(ex.recvs), -1)  # type: ignore[union-attr]
         self._rows.append(row)
 
-    # No __len__: the executor tests ``if observer``, and an empty recorder must still be called.
+    # The executor tests ``observer is not None``, so an empty recorder is still called.
     @property
     def num_events(self) -> int:
         return len(self._rows)
@@ -223,10 +241,10 @@ class TraceRecorder:
 
 
 def _decode(rank: int, row: Any) -> TracedEvent:
-    code, mb, chunk, phase, start, end, sends, recvs = (float(x) for x in row)
+    code, mb, chunk, phase, start, end, sends, recvs, held = (float(x) for x in row)
     kind = "FBX"[int(code)]
     phase_name = "" if kind == "X" else ("warmup", "steady", "cooldown")[int(phase)]
-    return TracedEvent(rank, kind, int(mb), int(chunk), phase_name, start, end, int(sends), int(recvs))
+    return TracedEvent(rank, kind, int(mb), int(chunk), phase_name, start, end, int(sends), int(recvs), None if held < 0 else int(held))
 
 
 def _build(per_rank: list[torch.Tensor]) -> PipelineTrace:
@@ -237,7 +255,7 @@ def _build(per_rank: list[torch.Tensor]) -> PipelineTrace:
     for r, rows in enumerate(per_rank):
         events = [_decode(r, row) for row in rows.tolist()]
         ranks.append(tuple(
-            TracedEvent(e.rank, e.kind, e.microbatch, e.chunk, e.phase, e.start - origin, e.end - origin, e.sends, e.recvs)
+            TracedEvent(e.rank, e.kind, e.microbatch, e.chunk, e.phase, e.start - origin, e.end - origin, e.sends, e.recvs, e.held_bytes)
             for e in events
         ))
     return PipelineTrace(ranks=tuple(ranks))

@@ -21,6 +21,8 @@ Layout (index: meaning)::
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +50,7 @@ MAX_NDIM = 8
 # Arbitrary 63-bit constants: legitimate data starting with exactly these 8 bytes is not a concern.
 DATA_MAGIC = 0x5053_4844_7A31_0001  # "PSHD"
 ABORT_MAGIC = 0x5053_4142_7A31_0002  # "PSAB"
+_ABORT_PREFIX = ABORT_MAGIC.to_bytes(8, sys.byteorder)  # how it lies in memory, as int64 on this host
 
 # A fixed table, never derived from torch's internal enum, so both ends agree across versions.
 _DTYPES: tuple[torch.dtype, ...] = (
@@ -230,6 +233,11 @@ def write_abort_into(buffer: torch.Tensor, record: AbortRecord) -> torch.Tensor:
 
 def read_abort_marker(tensor: torch.Tensor) -> AbortRecord | None:
     """The abort record in the leading bytes of a fixed-shape message, or ``None`` for ordinary data."""
+    if tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.nbytes >= 8:
+        # Every received message passes here, right before its consumer runs: compare the first
+        # eight bytes in place, with no tensor operation, and decode only a real marker.
+        if ctypes.string_at(tensor.data_ptr(), 8) != _ABORT_PREFIX:
+            return None
     raw = tensor.reshape(-1).view(torch.uint8)
     if raw.numel() < 8:
         return None

@@ -114,7 +114,7 @@ class _Contender:
     recorder: Any = None
 
 
-def _ours(setup: Setup, chunks: list[SleepChunk], rank: int, recorder: Any, *, overlap: bool) -> _Contender:
+def _ours(setup: Setup, chunks: list[SleepChunk], rank: int, recorder: Any, *, overlap: bool, deallocate: bool = False) -> _Contender:
     import pipeschedule as ps
 
     data = [torch.randn(BATCH, SEQ, HIDDEN) for _ in range(setup.m)]
@@ -125,7 +125,8 @@ def _ours(setup: Setup, chunks: list[SleepChunk], rank: int, recorder: Any, *, o
         out = model(x)
         return out, lambda output: (_loss(output, target), {})
 
-    config = ps.PipelineConfig(pipeline_dtype=torch.float32, observer=recorder, overlap_p2p_comm=overlap)
+    config = ps.PipelineConfig(pipeline_dtype=torch.float32, observer=recorder, overlap_p2p_comm=overlap,
+                               deallocate_pipeline_outputs=deallocate)
     interleaved = setup.v > 1
     func: Any = ps.forward_backward_pipelining_with_interleaving if interleaved else ps.forward_backward_pipelining_without_interleaving
 
@@ -189,6 +190,23 @@ def _measure(contender: _Contender, meter: Meter) -> list[float]:
     return [start, end, meter.compute, wait, float(meter.peak)]
 
 
+MEMORY_MODES = [(False, False), (False, True), (True, False), (True, True)]  # (overlap, deallocate)
+
+
+def _memory(setup: Setup, chunks: list[SleepChunk], rank: int, meter: Meter) -> list[list[int | None]] | None:
+    """Per mode of MEMORY_MODES, the peak bytes of stage inputs and outputs held per rank, over one step."""
+    from pipeschedule.trace import TraceRecorder
+
+    peaks = []
+    for overlap, deallocate in MEMORY_MODES:
+        recorder = TraceRecorder(held_bytes=True)
+        _measure(_ours(setup, chunks, rank, recorder, overlap=overlap, deallocate=deallocate), meter)
+        trace = recorder.gather()
+        if trace is not None:
+            peaks.append(trace.peak_held_bytes())
+    return peaks if rank == 0 else None
+
+
 def _worker(rank: int, init_file: str, args: argparse.Namespace, setups: list[Setup], results: Any) -> None:
     import torch.distributed as dist
 
@@ -226,8 +244,9 @@ def _worker(rank: int, init_file: str, args: argparse.Namespace, setups: list[Se
                         trace.save_timeline_png(args.png)
                     if args.trace:
                         trace.write_chrome_trace(args.trace)
+            memory = None if zero else _memory(setup, chunks, rank, meter)
             if rank == 0:
-                results.put(("setup", setup, samples))
+                results.put(("setup", setup, (samples, memory)))
     finally:
         dist.destroy_process_group()
     if rank == 0:
@@ -299,6 +318,14 @@ def _print_overhead(rows: list[_Row]) -> None:
               f"{med / peers[(row.setup.v, row.setup.m)]:6.3f}")
 
 
+def _print_memory(memories: list[tuple[Setup, list[list[int | None]]]]) -> None:
+    names = [("overlap" if o else "batched") + ("+dealloc" if d else "") for o, d in MEMORY_MODES]
+    print(f"{'v':>2} {'m':>3}  " + "  ".join(f"{n:>20}" for n in names))
+    for setup, peaks in memories:
+        cells = ["/".join("-" if b is None else f"{b / 1024:.0f}" for b in per_rank) for per_rank in peaks]
+        print(f"{setup.v:>2} {setup.m:>3}  " + "  ".join(f"{c:>20}" for c in cells))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=["sleep", "zero", "both"], default="both")
@@ -333,10 +360,11 @@ def main(argv: list[str] | None = None) -> int:
         proc.start()
     deadline = time.monotonic() + args.timeout
     collected: list[_Row] = []
+    memories: list[tuple[Setup, list[list[int | None]]]] = []
     try:
         while True:
             try:
-                kind, setup, samples = results.get(timeout=max(1.0, min(5.0, deadline - time.monotonic())))
+                kind, setup, payload = results.get(timeout=max(1.0, min(5.0, deadline - time.monotonic())))
             except queue.Empty:
                 dead = [r for r, proc in enumerate(procs) if proc.exitcode not in (None, 0)]
                 if dead or time.monotonic() > deadline:
@@ -345,7 +373,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if kind == "done":
                 break
+            samples, memory = payload
             collected += _rows(setup, samples)
+            if memory is not None:
+                memories.append((setup, memory))
             print(f"  measured v={setup.v} m={setup.m} tf={setup.tf * 1e3:g} ms tb={setup.tb * 1e3:g} ms", file=sys.stderr)
     finally:
         for proc in procs:
@@ -364,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nsleep model tf={args.tf:g} ms tb={args.tb:g} ms (per microbatch on one rank); "
               "compute and comm wait: ms per rank, medians")
         _print_table(sleep)
+    if memories:
+        print("\nstage inputs and outputs held (KiB per rank, peak over one step, from TraceRecorder(held_bytes=True))")
+        _print_memory(memories)
     if zero:
         print(f"\nzero compute ({args.zero_reps} measured steps each): overhead per action on the critical path")
         _print_overhead(zero)

@@ -37,6 +37,7 @@ class Case:
     # Run on a process group made for this job, so a fault cannot leave the pool's groups unusable.
     fresh_group: bool = False
     overlap: bool = False  # config.overlap_p2p_comm
+    deallocate: bool = False  # config.deallocate_pipeline_outputs
 
     def __post_init__(self) -> None:
         from pool import GROUPS
@@ -159,6 +160,15 @@ def _schedule(name: str):
 _FRESH_GROUPS: list = []
 
 
+class Events(list):
+    """An observer that keeps every event and asks for the bytes held after each action."""
+
+    wants_held_bytes = True
+
+    def __call__(self, event: Any) -> None:
+        self.append(event)
+
+
 def run_case(case: Case, rank: int, groups: dict) -> dict[str, Any] | None:
     """Run ``case`` on this worker if its rank is in the case's group; report what happened."""
     import pipeschedule as ps
@@ -177,15 +187,16 @@ def run_case(case: Case, rank: int, groups: dict) -> dict[str, Any] | None:
         return None
     r = ranks.index(rank)
     chunks = [Stage(c * case.p + r, case.p * case.v, case.seed) for c in range(case.v)]
-    events: list = []
+    events = Events()
     config = ps.PipelineConfig(
         hidden_size=None if "no_hidden_size" in case.mistake else HIDDEN,
         pipeline_dtype=torch.float64,
         microbatch_group_size_per_vp_stage=case.group_size,
-        observer=events.append,
+        observer=events,
         variable_seq_lengths=case.seq_lens is not None,
         check_p2p_shapes=case.check_p2p_shapes,
         overlap_p2p_comm=case.overlap,
+        deallocate_pipeline_outputs=case.deallocate,
         **({} if case.p2p_timeout is None else {"p2p_timeout": case.p2p_timeout}),
     )
     model: Any = chunks if case.schedule == "interleaved" else chunks[0]
@@ -218,6 +229,7 @@ def run_case(case: Case, rank: int, groups: dict) -> dict[str, Any] | None:
         "losses": [d["loss"].item() for d in out],
         "grads": {} if case.forward_only else {c.stage: [p.grad.numpy().copy() for p in c.parameters()] for c in chunks},
         "actions": [(e.action.kind, e.action.microbatch, e.action.chunk, e.action.phase) for e in events if e.what == "action"],
+        "peak_held_bytes": max((e.held_bytes for e in events if e.what == "action"), default=0),
     }
 
 

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cases import Case, reference, run_case
+from cases import BATCH, HIDDEN, SEQ, Case, reference, run_case
 from pool import JobError
 
 from pipeschedule.plan import build_plan
@@ -26,6 +26,7 @@ def cases(draw):
         schedule=schedule, p=p, v=v, m=m, group=draw(st.sampled_from(GROUP_FOR_P[p])),
         forward_only=draw(st.booleans()), loss_arity=draw(st.sampled_from([2, 3])),
         group_size=group_size, seed=draw(st.integers(0, 1000)), overlap=draw(st.booleans()),
+        deallocate=draw(st.booleans()),
     )
 
 
@@ -72,8 +73,11 @@ def test_exact_gradients_and_planned_order(pool, case):
         Case("interleaved", p=4, v=2, m=16, overlap=True),
         Case("interleaved", p=4, v=3, m=6, overlap=True),
         Case("1f1b", p=3, v=1, m=5, group="1-3", overlap=True),
+        Case("interleaved", p=4, v=2, m=8, deallocate=True),
+        Case("interleaved", p=2, v=3, m=5, group="0-1", overlap=True, deallocate=True, loss_arity=3),
+        Case("1f1b", p=4, v=1, m=6, overlap=True, deallocate=True),
     ],
-    ids=lambda c: f"{c.schedule}-p{c.p}-v{c.v}-m{c.m}-{c.group}" + ("-overlap" if c.overlap else ""),
+    ids=lambda c: f"{c.schedule}-p{c.p}-v{c.v}-m{c.m}-{c.group}" + ("-overlap" if c.overlap else "") + ("-dealloc" if c.deallocate else ""),
 )
 def test_named_configurations(pool, case):
     check_against_reference(case, pool.run(run_case, case))
@@ -88,3 +92,20 @@ def test_get_forward_backward_func_follows_the_group(pool):
         assert not isinstance(picked, JobError), picked
         for group in picked:
             assert picked[group] == [plain, plain, interleaved]
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["batched", "overlap"])
+def test_deallocated_outputs_lower_the_bytes_held_on_every_sending_rank(pool, overlap):
+    """Stage outputs wait for their backward with one element of data instead of the whole activation."""
+    peaks = {}
+    for deallocate in (False, True):
+        case = Case("interleaved", p=4, v=2, m=8, overlap=overlap, deallocate=deallocate)
+        results = pool.run(run_case, case)
+        check_against_reference(case, results)
+        peaks[deallocate] = {out["group_rank"]: out["peak_held_bytes"] for out in results.values()}
+    # At the peak, 5-11 chunk-microbatches wait for their backward on each rank (the plan's peak
+    # live activations); each holds its input and, without deallocation, its output of
+    # SEQ x BATCH x HIDDEN float64 (the last stage's output is a loss, and not released).
+    activation = SEQ * BATCH * HIDDEN * 8
+    for r in range(4):
+        assert peaks[False][r] - peaks[True][r] >= 2 * activation, (r, peaks)
