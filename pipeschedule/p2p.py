@@ -145,12 +145,24 @@ def post(link: Neighbours, ops: list[dist.P2POp], *, peers: Sequence[int], what:
         raise _link_failure(link, peers[0] if len(set(peers)) == 1 else -1, what, exc, timeout) from exc
 
 
-def post_send(link: Neighbours, tensor: torch.Tensor, peer: int, *, what: str, timeout: float | None) -> dist.Work:
-    """``isend`` one tensor to group rank ``peer`` (no batch: one operation needs none); failures name the peer."""
+def post_send(link: Neighbours, tensor: torch.Tensor, peer: int, *, what: Callable[[], str], timeout: float | None) -> dist.Work:
+    """``isend`` one tensor to group rank ``peer`` (no batch: one operation needs none); failures name the peer.
+
+    ``what()`` says what this rank was doing; it is called only for an error, as this sits between
+    a stage's compute and its send.
+    """
     try:
         return dist.isend(tensor, group=link.group, group_dst=peer)
     except RuntimeError as exc:
-        raise _link_failure(link, peer, what, exc, timeout) from exc
+        raise _link_failure(link, peer, what(), exc, timeout) from exc
+
+
+def post_recv(link: Neighbours, buffer: torch.Tensor, peer: int, *, what: Callable[[], str], timeout: float | None) -> dist.Work:
+    """``irecv`` one tensor from group rank ``peer`` into ``buffer``; failures name the peer."""
+    try:
+        return dist.irecv(buffer, group=link.group, group_src=peer)
+    except RuntimeError as exc:
+        raise _link_failure(link, peer, what(), exc, timeout) from exc
 
 
 def exchange(

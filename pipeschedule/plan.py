@@ -131,14 +131,21 @@ class RankPlan:
     first: Exchange
     steps: tuple[Step, ...]
 
-    @property
+    # Derived views are computed once per plan (plans are cached and reused every training step).
+
+    @functools.cached_property
     def actions(self) -> tuple[Action, ...]:
         return tuple(a for step in self.steps for a in step.actions)
 
-    @property
+    @functools.cached_property
     def exchanges(self) -> tuple[Exchange, ...]:
         """All exchanges in posting order: ``first``, then one per step."""
         return (self.first,) + tuple(step.exchange for step in self.steps)
+
+    @functools.cached_property
+    def _messages(self) -> dict[Action, tuple[Message | None, Message | None]]:
+        n = self.num_stages
+        return {a: (_input_message(a, self.p, self.r, n), _output_message(a, self.p, self.r, n)) for a in self.actions}
 
     @property
     def num_stages(self) -> int:
@@ -150,11 +157,13 @@ class RankPlan:
 
     def input_message(self, action: Action) -> Message | None:
         """What ``action`` consumes from a neighbour: an activation for F, a gradient for B."""
-        return _input_message(action, self.p, self.r, self.num_stages)
+        known = self._messages.get(action)
+        return known[0] if known is not None else _input_message(action, self.p, self.r, self.num_stages)
 
     def output_message(self, action: Action) -> Message | None:
         """What ``action`` hands to a neighbour (``None`` at the ends of the pipeline)."""
-        return _output_message(action, self.p, self.r, self.num_stages)
+        known = self._messages.get(action)
+        return known[1] if known is not None else _output_message(action, self.p, self.r, self.num_stages)
 
 
 def _check_sizes(p: int, r: int, v: int, m: int) -> None:

@@ -74,6 +74,10 @@ def parse_settings(argv: list[str] | None = None, *, world_size: int | None = No
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--compare-steps", type=int, default=d.compare_steps, help="steps replayed on one process at the end (0: none)")
     ap.add_argument("--check", action="store_true", help="float64; fail unless equal to one process within 1e-10")
+    ap.add_argument("--overlap-p2p-comm", action=argparse.BooleanOptionalAction, default=d.overlap_p2p_comm,
+                    help="post receives early and wait on them just before use")
+    ap.add_argument("--deallocate-pipeline-outputs", action=argparse.BooleanOptionalAction, default=d.deallocate_pipeline_outputs,
+                    help="release a stage output's data once it is sent")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds before a launched run is stopped")
     args = ap.parse_args(argv)
     v = args.v if args.v is not None else (2 if args.schedule == "interleaved" else 1)
@@ -91,6 +95,7 @@ def parse_settings(argv: list[str] | None = None, *, world_size: int | None = No
         num_heads=args.num_heads, ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size, lr=args.lr,
         seed=args.seed, dtype=torch.float64 if args.check else torch.float32,
         compare_steps=steps if args.check else min(args.compare_steps, steps),
+        overlap_p2p_comm=args.overlap_p2p_comm, deallocate_pipeline_outputs=args.deallocate_pipeline_outputs,
     )
     for name in ("p", "m", "dp", "steps"):
         if getattr(settings, name) < 1:
@@ -125,7 +130,9 @@ def run_rank(settings: TrainSettings, *, check: bool) -> int:
     _print0(rank, f"GPT: {s.num_layers} layers, hidden {s.hidden_size}, {s.num_heads} heads, seq {s.seq_length}, "
                   f"vocab 256 (bytes), {str(s.dtype).removeprefix('torch.')}")
     _print0(rank, f"parallel: p={s.p} x dp={s.dp} = {s.p * s.dp} gloo ranks, {s.schedule} schedule, v={s.v}, m={s.m}, "
-                  f"micro batch {s.micro_batch_size}, {s.tokens_per_step:,} tokens/step")
+                  f"micro batch {s.micro_batch_size}, {s.tokens_per_step:,} tokens/step"
+                  + (", overlap_p2p_comm" if s.overlap_p2p_comm else "")
+                  + (", deallocate_pipeline_outputs" if s.deallocate_pipeline_outputs else ""))
     _print0(rank, f"balanced partition, layers per stage: {list(balanced_partition(s).sizes)}; {params:,} parameters")
     losses, snapshot = [], trainer.named_parameters()
     start = time.perf_counter()

@@ -70,6 +70,8 @@ class TrainSettings:
     dtype: torch.dtype = torch.float32
     loss_scale: float = 2.0**10
     compare_steps: int = 3
+    overlap_p2p_comm: bool = True  # receives posted early, sends never waited on mid-step (exact either way)
+    deallocate_pipeline_outputs: bool = True  # a stage output's data goes once sent (exact either way)
 
     @property
     def schedule(self) -> str:
@@ -149,6 +151,8 @@ class RankTrainer:
             pipeline_dtype=settings.dtype,
             finalize_model_grads_func=make_finalize_model_grads(embedding_group=groups.embedding),
             grad_scale_func=scaler.scale_loss,
+            overlap_p2p_comm=settings.overlap_p2p_comm,
+            deallocate_pipeline_outputs=settings.deallocate_pipeline_outputs,
             **(data_parallel.config_hooks() if data_parallel is not None else {}),
         )
         # Only the first stage (tokens) and the last stage (labels) read data, each from its own

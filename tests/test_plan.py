@@ -1,5 +1,6 @@
 """Properties of the plans, checked with no processes (SCHEDULES.md, "Counts")."""
 
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -168,7 +169,7 @@ def test_order_table_last_group_takes_the_rest():
 
 def _with_exchanges(plan: RankPlan, exchanges: list[Exchange]) -> RankPlan:
     steps = tuple(Step(actions=s.actions, exchange=ex) for s, ex in zip(plan.steps, exchanges[1:]))
-    return RankPlan(**{**plan.__dict__, "first": exchanges[0], "steps": steps})
+    return dataclasses.replace(plan, first=exchanges[0], steps=steps)
 
 
 def test_check_catches_megatron_style_crossed_order_at_p2():
