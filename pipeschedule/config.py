@@ -68,8 +68,9 @@ class PipelineConfig:
       error naming that neighbour. Keep it well under the process group's own timeout.
     * ``max_message_numel``: the most elements a received header may announce; a larger (corrupt)
       header raises instead of allocating.
-    * ``overlap_p2p_comm``: post receives early, wait on each just before its tensor is used, and
-      never wait on a send until the step ends (:mod:`pipeschedule.overlap`); proven on gloo.
+    * ``overlap_p2p_comm``: post receives early, wait on each just before its tensor is used, send
+      as soon as a tensor exists and wait on a step's sends one step later
+      (:mod:`pipeschedule.overlap`); proven on gloo.
     * ``deallocate_pipeline_outputs``: once a stage's output is handed to the send, its data is
       released (:mod:`pipeschedule.memory`); the memory goes when the send is done, and backward
       still works from the output's autograd graph.

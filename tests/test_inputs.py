@@ -137,6 +137,8 @@ def test_an_iterator_that_runs_out_early_names_the_chunk_and_microbatch():
         ("max_message_numel", 0, ValueError, "config.max_message_numel must be a positive integer, got 0"),
         ("variable_seq_lengths", 1, TypeError, "config.variable_seq_lengths must be True or False, got 1"),
         ("check_p2p_shapes", "yes", TypeError, "config.check_p2p_shapes must be True or False"),
+        ("overlap_p2p_comm", None, TypeError, "config.overlap_p2p_comm must be True or False, got None"),
+        ("deallocate_pipeline_outputs", 1, TypeError, "config.deallocate_pipeline_outputs must be True or False, got 1"),
         ("pipeline_dtype", "float32", TypeError, "config.pipeline_dtype must be a torch.dtype"),
     ],
 )
