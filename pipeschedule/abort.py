@@ -78,7 +78,9 @@ class FailureHandling:
             else:
                 sends.append((write_abort_into(self.spec.empty(), notice), peer))
         desynced = {getattr(exc, "desynced_peer", -1)}  # its channel holds unread data: take nothing more
-        neighbours = sorted({self.link.prev, self.link.next} - {record.rank, self.link.rank} - desynced)
+        # The failed rank and the neighbour that told us are not running their plans any more: they
+        # send nothing else, so there is nothing to take from them.
+        neighbours = sorted({self.link.prev, self.link.next} - {record.rank, record.reporter, self.link.rank} - desynced)
         due = {peer: self._due_from(peer) for peer in neighbours}
         told: list[int] = []
 

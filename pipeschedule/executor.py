@@ -35,8 +35,6 @@ from pipeschedule.sync import GradSync
 from pipeschedule.wire import Reason, plan_fingerprint
 from pipeschedule.wrapped import inner_module
 
-
-
 _NOTHING = contextlib.nullcontext()
 
 
@@ -126,7 +124,6 @@ class PlanRunner(FailureHandling):
         self.closing_received = False
         self.input_setters = [_input_setter(chunk) for chunk in chunks]
         self.release_outputs = config.deallocate_pipeline_outputs
-        self.released = 0  # outputs whose data was released (deallocate_pipeline_outputs)
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -227,7 +224,7 @@ class PlanRunner(FailureHandling):
             # when the output's own data is released below.
             self._emit(out_msg, output.detach())
             if self.release_outputs and not self.plan.forward_only:
-                self.released += release_output(output)
+                release_output(output)
         if not self.plan.forward_only:
             self.saved[(action.microbatch, chunk)] = (input_tensor, output)
 

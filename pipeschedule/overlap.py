@@ -1,23 +1,25 @@
-"""Overlapped communication (Megatron's ``overlap_p2p_comm``): receive early, wait late, never wait on a send.
+"""Overlapped communication (Megatron's ``overlap_p2p_comm``): receive early, wait late, send at once.
 
 The plan is the one every schedule uses; only the waiting changes.
 
-* Receives are posted in the plan's order, ahead of need: at the end of step ``i`` up to exchange
-  ``i + 2 + LOOKAHEAD`` (the strict plan has posted up to ``i + 1`` by then).
+* Receives are posted in the plan's order, ahead of need: during step ``i``, up to exchange
+  ``i + 2 + LOOKAHEAD`` (the strict plan has posted up to ``i + 1`` by the end of step ``i``).
 * Each receive is waited on right before the action that consumes its tensor.
 * A send is posted as soon as its tensor exists, inside the action, before the action's own
-  bookkeeping. The sends of step ``i`` are waited on at the end of step ``i + 1``, by when their
+  bookkeeping. The sends of step ``i`` are waited on during step ``i + 1``, by when their
   receivers have long posted the matching receives, so the wait is over at once and the tensors
-  (gradients, released outputs) are freed two steps after they are made, not at the end of the
+  (gradients, released outputs) are freed a step after they are sent, not at the end of the
   training step. (On gloo nothing else frees them: a send's ``is_completed()`` stays false until
   it is waited on.)
+* That bookkeeping (waiting on old sends, posting receives) runs right after a send, or at the end
+  of a step that sends nothing.
 
 What runs between a rank's receive and its next compute, and between a compute and its send, is
 what a pipeline's critical path is made of besides compute: every hop from one stage to the next
 pays it. So that stretch does as little as it can (measured with ``scripts/bench.py``).
 
 Why it cannot deadlock: a rank waits on a receive only right before the action that consumes it,
-and on a send one step after the strict plan would have; every receive is posted no later than the
+and on a send a step after the strict plan would have; every receive is posted no later than the
 strict plan posts it. So each wait comes no earlier than the plan's own exchange waited for the same
 operation, with its peer's side posted no later, and the plan's strict exchanges are proven
 deadlock-free (:func:`pipeschedule.check.check_pipeline`): delaying waits and advancing posts

@@ -131,3 +131,21 @@ def test_overlapped_communication_stops_every_rank(pool, schedule, v, m, failed,
     times = check_outcome(case, results, failed, failing["t_fault"], step_index, "InjectedFault")
     # Every rank still owed a message by the failed one raised, naming it; the others may finish.
     assert must_hear(case, failed, step_index) <= set(times)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "check", "overlap"])
+def test_a_message_received_with_the_abort_notice_is_not_waited_for_again(pool, mode):
+    """p = 3: rank 1's exchange brings an activation from rank 0 and, in place of a gradient, the
+    notice from rank 2. Rank 1 must count the activation as received; waiting for it again in its
+    clean-up would stall until the timeout while rank 0 waits on rank 1, and rank 0 would then
+    blame rank 1."""
+    case = Case("interleaved", p=3, v=2, m=4, group="1-3", seed=0, p2p_timeout=TIMEOUT, fresh_group=True,
+                mistake={"raise_at": (2, "B", 1, 1)}, check_p2p_shapes=mode == "check", overlap=mode == "overlap")
+    results = pool.run(run_fault_case, case, timeout=4 * TIMEOUT + 20)
+    failing = results[GROUPS[case.group][2]]
+    assert failing["error"] == "InjectedFault", failing
+    plan = build_plan(p=3, r=2, v=2, m=4)
+    step_index = next(i for i, s in enumerate(plan.steps) for a in s.actions if (a.kind, a.microbatch, a.chunk) == ("B", 1, 1))
+    times = check_outcome(case, results, 2, failing["t_fault"], step_index, "InjectedFault")
+    assert set(times) == {0, 1}
+    assert max(times.values()) < TIMEOUT, times  # learnt from the notices, not from a timeout
