@@ -38,10 +38,9 @@ from pipeschedule.wrapped import inner_module
 _NOTHING = contextlib.nullcontext()
 
 
-def _profiler_enabled() -> bool:
-    """Whether a torch profiler is recording; ``record_function`` costs a dispatcher call even when none is."""
-    check = getattr(torch._C._autograd, "_profiler_enabled", None)
-    return True if check is None else bool(check())
+# Whether a torch profiler is recording: ``record_function`` costs a dispatcher call even when
+# none is. Without this query (another torch version), every action is wrapped.
+_profiler_enabled = getattr(torch._C._autograd, "_profiler_enabled", lambda: True)
 
 
 def _input_setter(chunk: torch.nn.Module) -> Callable[[torch.Tensor | None], None]:
@@ -124,6 +123,7 @@ class PlanRunner(FailureHandling):
         self.closing_received = False
         self.input_setters = [_input_setter(chunk) for chunk in chunks]
         self.release_outputs = config.deallocate_pipeline_outputs
+        self.report_held_bytes = bool(getattr(config.observer, "wants_held_bytes", False))
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -180,7 +180,7 @@ class PlanRunner(FailureHandling):
         self.sync.after(action)
         if observer is not None:
             end = time.perf_counter()
-            held = held_bytes(self._held_tensors()) if getattr(observer, "wants_held_bytes", False) else None
+            held = held_bytes(self._held_tensors()) if self.report_held_bytes else None
             observer(ScheduleEvent(self.link.rank, "action", action, None, start, end, held))
 
     def _held_tensors(self) -> list[torch.Tensor | None]:
