@@ -71,6 +71,10 @@ class PipelineConfig:
     * ``overlap_p2p_comm``: post receives early, wait on each just before its tensor is used, send
       as soon as a tensor exists and wait on a step's sends one step later
       (:mod:`pipeschedule.overlap`); proven on gloo.
+    * ``overlap_recv_window``: with ``overlap_p2p_comm``, receives are posted up to this many
+      steps ahead of need (at least 2), topped up half a window at a time. Each posted receive
+      holds one message's buffer; a wider window costs that memory and saves a notification
+      round per message on gloo (``scripts/bench.py`` measures both).
     * ``deallocate_pipeline_outputs``: once a stage's output is handed to the send, its data is
       released (:mod:`pipeschedule.memory`); the memory goes when the send is done, and backward
       still works from the output's autograd graph.
@@ -90,6 +94,7 @@ class PipelineConfig:
     p2p_timeout: float = 300.0
     max_message_numel: int = 1 << 31
     overlap_p2p_comm: bool = False
+    overlap_recv_window: int = 8
     deallocate_pipeline_outputs: bool = False
 
     @property

@@ -118,6 +118,12 @@ def _check_config(config: PipelineConfig) -> None:
             f"config.p2p_timeout must be a positive number of seconds, got {timeout!r}; use e.g. 300 (well under "
             f"the process group's own timeout)"
         )
+    window = config.overlap_recv_window
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise ValueError(
+            f"config.overlap_recv_window must be an integer >= 2 (steps of receives posted ahead), got {window!r}; "
+            f"the default is 8, and 2 holds the fewest buffers"
+        )
     cap = config.max_message_numel
     if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
         raise ValueError(f"config.max_message_numel must be a positive integer, got {cap!r}")

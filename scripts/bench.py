@@ -171,6 +171,57 @@ def _peer(setup: Setup, chunks: list[SleepChunk], rank: int) -> _Contender:
     return _Contender("torch.pipelining", run, chunks)
 
 
+def _floor(setup: Setup, chunks: list[SleepChunk], rank: int) -> _Contender:
+    """The least any schedule can do here: the plan's actions and messages, nothing else.
+
+    Every receive of the step is posted before the first action (a buffer per message, which a
+    real schedule cannot afford), each is waited on right before its consumer, sends are plain
+    ``isend`` waited on at the end, and there are no checks, no failure handling, no observer. The
+    chunks, their sleeps and autograd are the same as for the contenders, so what this row spends
+    beyond the simulation is what this machine's gloo, sleeps and autograd cost.
+    """
+    import torch.distributed as dist
+
+    from pipeschedule.plan import build_pipeline
+
+    plan = build_pipeline(p=P, v=setup.v, m=setup.m)[rank]
+    actions = [(a, plan.input_message(a), plan.output_message(a)) for a in plan.actions]
+    incoming = [(msg, msg.src_stage % P) for ex in plan.exchanges for msg in ex.recvs]
+    data = [torch.randn(BATCH, SEQ, HIDDEN) for _ in range(setup.m)]
+    target = torch.zeros(BATCH, SEQ, HIDDEN)
+
+    def run() -> None:
+        buffers, works = {}, {}
+        for msg, src in incoming:
+            buffers[msg] = torch.empty(BATCH, SEQ, HIDDEN)
+            works[msg] = dist.irecv(buffers[msg], src)
+        sends, saved = [], {}
+        for action, msg_in, msg_out in actions:
+            if msg_in is not None:
+                works.pop(msg_in).wait()
+            key = (action.microbatch, action.chunk)
+            if action.kind == "F":
+                x = data[action.microbatch] if msg_in is None else buffers.pop(msg_in).requires_grad_()
+                out = chunks[action.chunk](x)
+                if msg_out is None:
+                    out = _loss(out, target) / setup.m
+                else:
+                    sends.append(dist.isend(out.detach(), msg_out.dst_stage % P))
+                saved[key] = (x, out)
+            else:
+                x, out = saved.pop(key)
+                torch.autograd.backward(out, None if msg_in is None else buffers.pop(msg_in))
+                if msg_out is not None:
+                    sends.append(dist.isend(x.grad, msg_out.dst_stage % P))
+        for work in sends:
+            work.wait()
+
+    return _Contender(FLOOR, run, chunks)
+
+
+FLOOR = "floor (raw gloo)"
+
+
 def _measure(contender: _Contender, meter: Meter) -> list[float]:
     """One step: [start, end, compute, comm wait, peak live] of this rank."""
     import torch.distributed as dist
@@ -223,7 +274,8 @@ def _worker(rank: int, init_file: str, args: argparse.Namespace, setups: list[Se
             # The pictures and traces show the overlapped mode, our fastest.
             recorder = TraceRecorder()
             contenders = [_ours(setup, chunks, rank, TraceRecorder(), overlap=False),
-                          _ours(setup, chunks, rank, recorder, overlap=True), _peer(setup, chunks, rank)]
+                          _ours(setup, chunks, rank, recorder, overlap=True), _peer(setup, chunks, rank),
+                           _floor(setup, chunks, rank)]
             samples: dict[str, list[list[list[float]]]] = {c.name: [] for c in contenders}
             zero = setup.tf == 0 and setup.tb == 0
             reps = args.zero_reps if zero else args.reps
@@ -292,33 +344,40 @@ def _rows(setup: Setup, samples: dict[str, list[list[list[float]]]]) -> list[_Ro
     return out
 
 
+def _medians(rows: list[_Row], name: str) -> dict[tuple[int, int], float]:
+    return {(r.setup.v, r.setup.m): statistics.median(r.steps) for r in rows if r.name == name}
+
+
 def _print_table(rows: list[_Row]) -> None:
-    print(f"{'schedule':17} {'v':>2} {'m':>3} {'median ms (min-max)':>24} {'sim ms':>7} {'/sim':>6} {'/sim*':>6} {'/peer':>6}"
+    print(f"{'schedule':17} {'v':>2} {'m':>3} {'median ms (min-max)':>24} {'sim ms':>7} {'/sim':>6} {'/sim*':>6} {'/peer':>6} {'/floor':>6}"
           f"  {'peak live per rank (plan)':28} {'compute':>8} {'comm wait':>9}")
-    peers = {(r.setup.v, r.setup.m): statistics.median(r.steps) for r in rows if r.name == "torch.pipelining"}
+    peers, floors = _medians(rows, "torch.pipelining"), _medians(rows, FLOOR)
     for row in rows:
         sim, plan_peaks, _ = _simulated(row.setup)
         med = statistics.median(row.steps)
-        ratio_peer = med / peers[(row.setup.v, row.setup.m)]
+        key = (row.setup.v, row.setup.m)
         peaks = "/".join(map(str, row.peaks)) + ("  (" + "/".join(map(str, plan_peaks)) + ")" if row.name != "torch.pipelining" else "")
         spread = f"{med * 1e3:7.1f} ({min(row.steps) * 1e3:.1f}-{max(row.steps) * 1e3:.1f})"
-        wait = f"{statistics.median(row.wait) * 1e3:7.1f}" if row.name != "torch.pipelining" else "      -"
+        recorded = row.name.startswith("pipeschedule")  # the others run without an observer
+        wait = f"{statistics.median(row.wait) * 1e3:7.1f}" if recorded else "      -"
         # sim*: the simulation with the compute each rank really took (sleeps overshoot a little),
         # so that /sim* is the schedule's own overhead. The simulated time is linear in tf and tb.
         sim_measured = sim * statistics.median(row.compute) / (row.setup.m * (row.setup.tf + row.setup.tb))
         print(f"{row.name:17} {row.setup.v:>2} {row.setup.m:>3} {spread:>24} {sim * 1e3:7.1f} {med / sim:6.3f} "
-              f"{med / sim_measured:6.3f} {ratio_peer:6.3f}  {peaks:28} {statistics.median(row.compute) * 1e3:8.1f} {wait:>9}")
+              f"{med / sim_measured:6.3f} {med / peers[key]:6.3f} {med / floors[key]:6.3f}  {peaks:28} "
+              f"{statistics.median(row.compute) * 1e3:8.1f} {wait:>9}")
 
 
 def _print_overhead(rows: list[_Row]) -> None:
-    print(f"{'schedule':17} {'v':>2} {'m':>3} {'median ms (min-max)':>24} {'path':>5} {'per action us':>14} {'/peer':>6}")
-    peers = {(r.setup.v, r.setup.m): statistics.median(r.steps) for r in rows if r.name == "torch.pipelining"}
+    print(f"{'schedule':17} {'v':>2} {'m':>3} {'median ms (min-max)':>24} {'path':>5} {'per action us':>14} {'/peer':>6} {'/floor':>6}")
+    peers, floors = _medians(rows, "torch.pipelining"), _medians(rows, FLOOR)
     for row in rows:
         _, _, path = _simulated(row.setup)
         med = statistics.median(row.steps)
+        key = (row.setup.v, row.setup.m)
         spread = f"{med * 1e3:7.2f} ({min(row.steps) * 1e3:.2f}-{max(row.steps) * 1e3:.2f})"
         print(f"{row.name:17} {row.setup.v:>2} {row.setup.m:>3} {spread:>24} {path:5.0f} {med / path * 1e6:14.0f} "
-              f"{med / peers[(row.setup.v, row.setup.m)]:6.3f}")
+              f"{med / peers[key]:6.3f} {med / floors[key]:6.3f}")
 
 
 def _print_memory(memories: list[tuple[Setup, list[list[int | None]]]]) -> None:

@@ -37,6 +37,7 @@ class Case:
     # Run on a process group made for this job, so a fault cannot leave the pool's groups unusable.
     fresh_group: bool = False
     overlap: bool = False  # config.overlap_p2p_comm
+    recv_window: int = 8  # config.overlap_recv_window
     deallocate: bool = False  # config.deallocate_pipeline_outputs
 
     def __post_init__(self) -> None:
@@ -196,6 +197,7 @@ def run_case(case: Case, rank: int, groups: dict) -> dict[str, Any] | None:
         variable_seq_lengths=case.seq_lens is not None,
         check_p2p_shapes=case.check_p2p_shapes,
         overlap_p2p_comm=case.overlap,
+        overlap_recv_window=case.recv_window,
         deallocate_pipeline_outputs=case.deallocate,
         **({} if case.p2p_timeout is None else {"p2p_timeout": case.p2p_timeout}),
     )

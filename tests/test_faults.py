@@ -69,7 +69,7 @@ def faults(draw):
         seed=draw(st.integers(0, 10**6)), p2p_timeout=TIMEOUT, fresh_group=True,
         mistake={"raise_at": (failed, kind, action.microbatch, action.chunk)},
         check_p2p_shapes=mode == "check", seq_lens=tuple([3] * m) if mode == "variable" else None,
-        overlap=mode == "overlap",
+        overlap=mode == "overlap", recv_window=draw(st.integers(2, 12)),
     )
     return case, failed, step_index
 

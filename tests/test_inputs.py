@@ -139,6 +139,9 @@ def test_an_iterator_that_runs_out_early_names_the_chunk_and_microbatch():
         ("check_p2p_shapes", "yes", TypeError, "config.check_p2p_shapes must be True or False"),
         ("overlap_p2p_comm", None, TypeError, "config.overlap_p2p_comm must be True or False, got None"),
         ("deallocate_pipeline_outputs", 1, TypeError, "config.deallocate_pipeline_outputs must be True or False, got 1"),
+        ("overlap_recv_window", 1, ValueError, "config.overlap_recv_window must be an integer >= 2 (steps of receives posted ahead), got 1"),
+        ("overlap_recv_window", True, ValueError, "config.overlap_recv_window must be an integer >= 2"),
+        ("overlap_recv_window", 4.0, ValueError, "got 4.0; the default is 8"),
         ("pipeline_dtype", "float32", TypeError, "config.pipeline_dtype must be a torch.dtype"),
     ],
 )

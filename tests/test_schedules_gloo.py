@@ -26,7 +26,7 @@ def cases(draw):
         schedule=schedule, p=p, v=v, m=m, group=draw(st.sampled_from(GROUP_FOR_P[p])),
         forward_only=draw(st.booleans()), loss_arity=draw(st.sampled_from([2, 3])),
         group_size=group_size, seed=draw(st.integers(0, 1000)), overlap=draw(st.booleans()),
-        deallocate=draw(st.booleans()),
+        deallocate=draw(st.booleans()), recv_window=draw(st.integers(2, 2 * m + 3)),
     )
 
 
@@ -76,8 +76,10 @@ def test_exact_gradients_and_planned_order(pool, case):
         Case("interleaved", p=4, v=2, m=8, deallocate=True),
         Case("interleaved", p=2, v=3, m=5, group="0-1", overlap=True, deallocate=True, loss_arity=3),
         Case("1f1b", p=4, v=1, m=6, overlap=True, deallocate=True),
+        Case("interleaved", p=4, v=2, m=8, overlap=True, recv_window=2),
+        Case("1f1b", p=4, v=1, m=6, overlap=True, recv_window=64),
     ],
-    ids=lambda c: f"{c.schedule}-p{c.p}-v{c.v}-m{c.m}-{c.group}" + ("-overlap" if c.overlap else "") + ("-dealloc" if c.deallocate else ""),
+    ids=lambda c: f"{c.schedule}-p{c.p}-v{c.v}-m{c.m}-{c.group}" + (f"-overlap{c.recv_window}" if c.overlap else "") + ("-dealloc" if c.deallocate else ""),
 )
 def test_named_configurations(pool, case):
     check_against_reference(case, pool.run(run_case, case))
@@ -109,3 +111,21 @@ def test_deallocated_outputs_lower_the_bytes_held_on_every_sending_rank(pool, ov
     activation = SEQ * BATCH * HIDDEN * 8
     for r in range(4):
         assert peaks[False][r] - peaks[True][r] >= 2 * activation, (r, peaks)
+
+
+def test_the_receive_window_bounds_the_buffers_posted_ahead(pool):
+    """The last rank of 1F1B receives one activation per step; it holds what it has posted for."""
+    activation = SEQ * BATCH * HIDDEN * 8
+    peaks = {}
+    for window in (2, 4, 12):
+        case = Case("1f1b", p=4, v=1, m=12, overlap=True, recv_window=window)
+        results = pool.run(run_case, case)
+        check_against_reference(case, results)
+        peaks[window] = {out["group_rank"]: out["peak_held_bytes"] for out in results.values()}
+    for r in range(4):
+        assert peaks[2][r] < peaks[4][r] < peaks[12][r], (r, peaks)
+    # Window 2: at most exchanges i+1..i+3 posted, which carry two activations on the last rank (a
+    # receive every other step), plus the input of the microbatch in flight, plus its 8-byte loss.
+    assert peaks[2][3] <= 3 * activation + 8, peaks
+    # Window 12: exchanges 0..13 are posted before the first action, seven of which carry one.
+    assert peaks[12][3] >= 7 * activation, peaks
