@@ -31,7 +31,7 @@ import torch.distributed as dist
 from pipeschedule.config import ScheduleEvent
 from pipeschedule.plan import Action
 
-__all__ = ["PipelineTrace", "TraceRecorder", "TracedEvent"]
+__all__ = ["CriticalPath", "PipelineTrace", "TraceRecorder", "TracedEvent"]
 
 # Row layout of the gathered float64 tensor; codes keep the exchange free of strings.
 _KIND_CODES = {"F": 0, "B": 1, "X": 2}  # X: an exchange
@@ -72,6 +72,49 @@ class TracedEvent:
 
 
 @dataclass(frozen=True)
+class CriticalPath:
+    """The chain of actions that bounds a measured step, and what its time was spent on.
+
+    Walking back from the action that ended last: each action waited either for the action before
+    it on its rank or for the message its input came in (the forward before it, one stage back, or
+    the backward after it, one stage on), whichever ended later. ``actions`` lists the chain from
+    the first action to the last; ``edges[i]`` says what ``actions[i + 1]`` waited for
+    (``"message"`` or ``"local"``). The step, from its first event's start to its last event's
+    end, splits exactly into::
+
+        step == lead + compute + message_gaps + local_gaps + tail
+
+    ``compute``: time inside the chain's actions. ``message_gaps``: from a producer's end to its
+    consumer's start (sending, the transfer, waking the receiver). ``local_gaps``: between two
+    actions of one rank (its exchanges, its bookkeeping). ``lead``: before the first action;
+    ``tail``: after the last action until the step's last event ends.
+    """
+
+    actions: tuple[TracedEvent, ...]
+    edges: tuple[str, ...]
+    lead: float
+    compute: float
+    message_gaps: float
+    local_gaps: float
+    tail: float
+
+    @property
+    def hops(self) -> int:
+        """How many edges of the chain are messages."""
+        return self.edges.count("message")
+
+    def summary(self, *, unit: float = 1e3, unit_name: str = "ms") -> str:
+        """One line: the split of the span, in ``unit_name`` (seconds times ``unit``)."""
+        n = len(self.actions)
+        return (
+            f"critical path: {n} actions, compute {self.compute * unit:.1f} {unit_name}, "
+            f"{self.hops} message gaps {self.message_gaps * unit:.1f} {unit_name}, "
+            f"{n - 1 - self.hops} local gaps {self.local_gaps * unit:.1f} {unit_name}, "
+            f"lead {self.lead * unit:.1f} {unit_name}, tail {self.tail * unit:.1f} {unit_name}"
+        )
+
+
+@dataclass(frozen=True)
 class PipelineTrace:
     """All ranks' events on one clock; ``ranks[r]`` lists rank ``r``'s events in the order they ran.
 
@@ -103,6 +146,47 @@ class PipelineTrace:
     def span(self) -> float:
         """From the first start to the last end, over all ranks."""
         return max((e.end for rank in self.ranks for e in rank), default=0.0)
+
+    def critical_path(self) -> CriticalPath:
+        """The chain of actions that bounds the step (see :class:`CriticalPath`).
+
+        Which message feeds which action follows from the stages alone (stage ``s`` of chunk
+        ``c`` on rank ``r`` is ``c * p + r``), so no plan is needed.
+        """
+        p = len(self.ranks)
+        actions = [[e for e in rank if e.kind != "X"] for rank in self.ranks]
+        if not any(actions):
+            raise ValueError("the trace has no actions; record a step first")
+        where = {(e.kind, e.microbatch, e.chunk * p + r): (r, i) for r, rank in enumerate(actions) for i, e in enumerate(rank)}
+        last_stage = max(stage for _, _, stage in where)
+        r, i = max(((r, len(rank) - 1) for r, rank in enumerate(actions) if rank), key=lambda ri: actions[ri[0]][ri[1]].end)
+        chain, edges = [actions[r][i]], []
+        message_gaps = local_gaps = 0.0
+        while True:
+            e = chain[-1]
+            stage = e.chunk * p + r
+            source = stage - 1 if e.kind == "F" else stage + 1
+            producer = where.get((e.kind, e.microbatch, source)) if 0 <= source <= last_stage else None
+            before = actions[r][i - 1] if i > 0 else None
+            if producer is not None and (before is None or actions[producer[0]][producer[1]].end > before.end):
+                r, i = producer
+                message_gaps += e.start - actions[r][i].end
+                edges.append("message")
+            elif before is not None:
+                i -= 1
+                local_gaps += e.start - before.end
+                edges.append("local")
+            else:
+                break
+            chain.append(actions[r][i])
+        chain.reverse()
+        edges.reverse()
+        origin = min((ev.start for rank in self.ranks for ev in rank), default=0.0)
+        return CriticalPath(
+            actions=tuple(chain), edges=tuple(edges), lead=chain[0].start - origin,
+            compute=sum(e.duration for e in chain), message_gaps=message_gaps, local_gaps=local_gaps,
+            tail=self.span() - chain[-1].end,
+        )
 
     def to_chrome_trace(self) -> dict[str, Any]:
         """The Chrome trace-event JSON object (``{"traceEvents": [...]}``) that Perfetto opens.

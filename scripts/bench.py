@@ -288,21 +288,29 @@ def _worker(rank: int, init_file: str, args: argparse.Namespace, setups: list[Se
                     if rep >= args.warmup:
                         samples[contender.name].append([r.tolist() for r in rows])
             picture = args.png and not zero and setup.v == max(s.v for s in setups) and setup.m == max(s.m for s in setups)
-            if picture or (args.trace and not zero and setup == setups[0]):
-                # The recorder still holds our last measured step.
+            path = None
+            if not zero:
+                # The recorder still holds our last measured step (overlapped).
                 trace = recorder.gather()
                 if rank == 0 and trace is not None:
+                    path = _path_row(setup, trace.critical_path())
                     if picture:
                         trace.save_timeline_png(args.png)
-                    if args.trace:
+                    if args.trace and setup == setups[0]:
                         trace.write_chrome_trace(args.trace)
             memory = None if zero else _memory(setup, chunks, rank, meter)
             if rank == 0:
-                results.put(("setup", setup, (samples, memory)))
+                results.put(("setup", setup, (samples, memory, path)))
     finally:
         dist.destroy_process_group()
     if rank == 0:
         results.put(("done", None, None))
+
+
+def _path_row(setup: Setup, path: Any) -> list[float]:
+    """[actions, nominal compute, measured compute, message gaps, hops, local gaps, lead + tail] in seconds."""
+    nominal = sum((setup.tf if e.kind == "F" else setup.tb) / setup.v for e in path.actions)
+    return [len(path.actions), nominal, path.compute, path.message_gaps, path.hops, path.local_gaps, path.lead + path.tail]
 
 
 # -- the table ----------------------------------------------------------------------------------
@@ -380,6 +388,13 @@ def _print_overhead(rows: list[_Row]) -> None:
               f"{med / peers[key]:6.3f} {med / floors[key]:6.3f}")
 
 
+def _print_paths(paths: list[tuple[Setup, list[float]]]) -> None:
+    print(f"{'v':>2} {'m':>3} {'actions':>7} {'nominal':>8} {'in actions':>10} {'messages':>13} {'local':>7} {'ends':>6}")
+    for setup, (n, nominal, compute, messages, hops, local, ends) in paths:
+        print(f"{setup.v:>2} {setup.m:>3} {n:7.0f} {nominal * 1e3:8.1f} {compute * 1e3:10.1f} "
+              f"{messages * 1e3:6.1f} ({hops:3.0f}) {local * 1e3:7.1f} {ends * 1e3:6.1f}")
+
+
 def _print_memory(memories: list[tuple[Setup, list[list[int | None]]]]) -> None:
     names = [("overlap" if o else "batched") + ("+dealloc" if d else "") for o, d in MEMORY_MODES]
     print(f"{'v':>2} {'m':>3}  " + "  ".join(f"{n:>20}" for n in names))
@@ -423,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.monotonic() + args.timeout
     collected: list[_Row] = []
     memories: list[tuple[Setup, list[list[int | None]]]] = []
+    paths: list[tuple[Setup, list[float]]] = []
     try:
         while True:
             try:
@@ -435,8 +451,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if kind == "done":
                 break
-            samples, memory = payload
+            samples, memory, path = payload
             collected += _rows(setup, samples)
+            if path is not None:
+                paths.append((setup, path))
             if memory is not None:
                 memories.append((setup, memory))
             print(f"  measured v={setup.v} m={setup.m} tf={setup.tf * 1e3:g} ms tb={setup.tb * 1e3:g} ms", file=sys.stderr)
@@ -457,6 +475,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nsleep model tf={args.tf:g} ms tb={args.tb:g} ms (per microbatch on one rank); "
               "compute and comm wait: ms per rank, medians")
         _print_table(sleep)
+    if paths:
+        print("\ncritical path of the last measured pipeschedule+overlap step (PipelineTrace.critical_path), ms: "
+              "nominal compute, time in its actions, gaps waiting for messages (how many), gaps between "
+              "one rank's actions, before the first and after the last action")
+        _print_paths(paths)
     if memories:
         print("\nstage inputs and outputs held (KiB per rank, peak over one step, from TraceRecorder(held_bytes=True))")
         _print_memory(memories)

@@ -142,6 +142,15 @@ def test_pool_trace_gathers_every_rank_on_one_clock(pool: Any, job: TracedCase) 
     for (stage, mb), (start, _) in ends.items():
         if stage > 0:
             assert start >= ends[(stage - 1, mb)][1] - 2000.0, (stage, mb)
+    # The critical path runs from the first forward of microbatch 0 on rank 0 to a backward of
+    # stage 0, and splits the measured step exactly.
+    path = ran[job.dst]["critical_path"]
+    first, last = path.actions[0], path.actions[-1]
+    assert (first.rank, first.kind, first.microbatch, first.chunk) == (0, "F", 0, 0)
+    assert (last.rank, last.kind, last.chunk) == (0, "B", 0)
+    split = path.lead + path.compute + path.message_gaps + path.local_gaps + path.tail
+    assert split == pytest.approx(ran[job.dst]["span"], abs=1e-9)
+    assert len(path.edges) == len(path.actions) - 1 and path.compute > 0
 
 
 def test_timeline_png(tmp_path: Path) -> None:
@@ -161,3 +170,70 @@ def test_timeline_png_without_matplotlib_says_how_to_install(tmp_path: Path, mon
     with pytest.raises(ImportError, match="pip install matplotlib"):
         recorder.save_timeline_png(str(tmp_path / "never.png"))
     assert not (tmp_path / "never.png").exists()
+
+
+def _event(rank: int, kind: str, microbatch: int, start: float, end: float, chunk: int = 0) -> Any:
+    from pipeschedule.trace import TracedEvent
+
+    return TracedEvent(rank=rank, kind=kind, microbatch=microbatch, chunk=chunk, phase="" if kind == "X" else "steady",
+                       start=start, end=end)
+
+
+def test_the_critical_path_of_a_hand_made_trace() -> None:
+    # p=2, m=1: F0 on rank 0, F0 and B0 on rank 1, B0 on rank 0, then rank 0's last exchange.
+    trace = PipelineTrace(ranks=(
+        (_event(0, "F", 0, 0.0, 1.0), _event(0, "B", 0, 5.0, 7.0), _event(0, "X", -1, 7.0, 7.3)),
+        (_event(1, "F", 0, 1.5, 2.5), _event(1, "B", 0, 2.6, 4.6)),
+    ))
+    path = trace.critical_path()
+    assert [(e.rank, e.kind) for e in path.actions] == [(0, "F"), (1, "F"), (1, "B"), (0, "B")]
+    assert path.edges == ("message", "local", "message")
+    assert path.hops == 2
+    assert path.compute == pytest.approx(6.0)
+    assert path.message_gaps == pytest.approx(0.5 + 0.4)
+    assert path.local_gaps == pytest.approx(0.1)
+    assert (path.lead, path.tail) == (0.0, pytest.approx(0.3))
+    assert "4 actions, compute 6000.0 ms, 2 message gaps 900.0 ms, 1 local gaps 100.0 ms" in path.summary()
+
+
+def test_a_later_local_predecessor_wins_over_an_earlier_message() -> None:
+    # Rank 1's F1 got its input (rank 0's F1, ended at 2) before rank 1 finished F0 (at 3).
+    trace = PipelineTrace(ranks=(
+        (_event(0, "F", 0, 0.0, 1.0), _event(0, "F", 1, 1.0, 2.0)),
+        (_event(1, "F", 0, 1.0, 3.0), _event(1, "F", 1, 3.5, 4.0)),
+    ))
+    path = trace.critical_path()
+    assert [(e.rank, e.microbatch) for e in path.actions] == [(0, 0), (1, 0), (1, 1)]
+    assert path.edges == ("message", "local")
+    assert path.local_gaps == pytest.approx(0.5)
+
+
+def test_an_empty_trace_has_no_critical_path() -> None:
+    with pytest.raises(ValueError, match="the trace has no actions"):
+        PipelineTrace(ranks=((), ())).critical_path()
+
+
+@pytest.mark.parametrize(("p", "v", "m"), [(2, 1, 3), (4, 1, 8), (4, 2, 8), (3, 2, 5), (4, 3, 12)])
+@pytest.mark.parametrize("latency", [0.0, 0.3])
+def test_the_critical_path_of_a_simulated_step_adds_up_to_the_step(p: int, v: int, m: int, latency: float) -> None:
+    from pipeschedule.plan import build_pipeline
+    from pipeschedule.simulate import CostModel, simulate
+
+    sim = simulate(build_pipeline(p=p, v=v, m=m), cost=CostModel(tf=1.0, tb=2.0, latency=latency))
+    trace = PipelineTrace(ranks=tuple(
+        tuple(_event(r, a.action.kind, a.action.microbatch, a.start, a.end, a.action.chunk) for a in rank.actions)
+        for r, rank in enumerate(sim.ranks)
+    ))
+    path = trace.critical_path()
+    assert path.lead == 0.0 and path.tail == 0.0
+    assert path.lead + path.compute + path.message_gaps + path.local_gaps + path.tail == pytest.approx(sim.step_time)
+    assert path.actions[0].kind == "F" and path.actions[0].microbatch == 0 and path.actions[-1].kind == "B"
+    gaps = [b.start - a.end for a, b in itertools.pairwise(path.actions)]
+    assert all(g >= -1e-9 for g in gaps)
+    # A message never arrives sooner than the latency after its producer ends.
+    assert all(g >= latency - 1e-9 for g, edge in zip(gaps, path.edges) if edge == "message")
+    if latency == 0.0 and v == 1:
+        # Nothing but compute bounds a 1F1B step: SCHEDULES.md's (m + p - 1)(tf + tb), action by action.
+        assert path.message_gaps == pytest.approx(0.0) and path.local_gaps == pytest.approx(0.0)
+        assert path.compute == pytest.approx((m + p - 1) * 3.0)
+        assert len(path.actions) == 2 * (m + p - 1)

@@ -48,4 +48,6 @@ def run_traced(job: TracedCase, rank: int, groups: dict) -> dict[str, Any] | Non
         "local_events": local,
         "chrome": None if trace is None else trace.to_chrome_trace(),
         "comm_wait": None if trace is None else trace.comm_wait(),
+        "critical_path": None if trace is None else trace.critical_path(),
+        "span": None if trace is None else trace.span(),
     }
