@@ -14,6 +14,7 @@ by the number of actions on the critical path (the simulated step when every act
     python scripts/bench.py                      # both modes, the default configurations
     python scripts/bench.py --png timeline.png --trace trace.json
     python scripts/bench.py --mode zero --reps 40
+    python scripts/bench.py --mode zero --recv-window 2      # the overlapped mode with its smallest receive window
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ class _Contender:
     recorder: Any = None
 
 
-def _ours(setup: Setup, chunks: list[SleepChunk], rank: int, recorder: Any, *, overlap: bool, deallocate: bool = False) -> _Contender:
+def _ours(setup: Setup, chunks: list[SleepChunk], rank: int, recorder: Any, *, overlap: bool, deallocate: bool = False,
+          recv_window: int = 8) -> _Contender:
     import pipeschedule as ps
 
     data = [torch.randn(BATCH, SEQ, HIDDEN) for _ in range(setup.m)]
@@ -125,7 +127,7 @@ def _ours(setup: Setup, chunks: list[SleepChunk], rank: int, recorder: Any, *, o
         out = model(x)
         return out, lambda output: (_loss(output, target), {})
 
-    config = ps.PipelineConfig(pipeline_dtype=torch.float32, observer=recorder, overlap_p2p_comm=overlap,
+    config = ps.PipelineConfig(pipeline_dtype=torch.float32, observer=recorder, overlap_p2p_comm=overlap, overlap_recv_window=recv_window,
                                deallocate_pipeline_outputs=deallocate)
     interleaved = setup.v > 1
     func: Any = ps.forward_backward_pipelining_with_interleaving if interleaved else ps.forward_backward_pipelining_without_interleaving
@@ -244,14 +246,14 @@ def _measure(contender: _Contender, meter: Meter) -> list[float]:
 MEMORY_MODES = [(False, False), (False, True), (True, False), (True, True)]  # (overlap, deallocate)
 
 
-def _memory(setup: Setup, chunks: list[SleepChunk], rank: int, meter: Meter) -> list[list[int | None]] | None:
+def _memory(setup: Setup, chunks: list[SleepChunk], rank: int, meter: Meter, recv_window: int) -> list[list[int | None]] | None:
     """Per mode of MEMORY_MODES, the peak bytes of stage inputs and outputs held per rank, over one step."""
     from pipeschedule.trace import TraceRecorder
 
     peaks = []
     for overlap, deallocate in MEMORY_MODES:
         recorder = TraceRecorder(held_bytes=True)
-        _measure(_ours(setup, chunks, rank, recorder, overlap=overlap, deallocate=deallocate), meter)
+        _measure(_ours(setup, chunks, rank, recorder, overlap=overlap, deallocate=deallocate, recv_window=recv_window), meter)
         trace = recorder.gather()
         if trace is not None:
             peaks.append(trace.peak_held_bytes())
@@ -274,7 +276,7 @@ def _worker(rank: int, init_file: str, args: argparse.Namespace, setups: list[Se
             # The pictures and traces show the overlapped mode, our fastest.
             recorder = TraceRecorder()
             contenders = [_ours(setup, chunks, rank, TraceRecorder(), overlap=False),
-                          _ours(setup, chunks, rank, recorder, overlap=True), _peer(setup, chunks, rank),
+                          _ours(setup, chunks, rank, recorder, overlap=True, recv_window=args.recv_window), _peer(setup, chunks, rank),
                            _floor(setup, chunks, rank)]
             samples: dict[str, list[list[list[float]]]] = {c.name: [] for c in contenders}
             zero = setup.tf == 0 and setup.tb == 0
@@ -298,7 +300,7 @@ def _worker(rank: int, init_file: str, args: argparse.Namespace, setups: list[Se
                         trace.save_timeline_png(args.png)
                     if args.trace and setup == setups[0]:
                         trace.write_chrome_trace(args.trace)
-            memory = None if zero else _memory(setup, chunks, rank, meter)
+            memory = None if zero else _memory(setup, chunks, rank, meter, args.recv_window)
             if rank == 0:
                 results.put(("setup", setup, (samples, memory, path)))
     finally:
@@ -417,6 +419,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--trace", default=None, help="Chrome trace JSON of one measured step")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before the run is abandoned")
     parser.add_argument("--p2p-timeout", type=float, default=60.0)
+    parser.add_argument("--recv-window", type=int, default=8, help="config.overlap_recv_window of the overlapped contender")
     return parser
 
 
