@@ -73,8 +73,8 @@ class PipelineConfig:
       (:mod:`pipeschedule.overlap`); proven on gloo.
     * ``overlap_recv_window``: with ``overlap_p2p_comm``, receives are posted up to this many
       steps ahead of need (at least 2), topped up half a window at a time. Each posted receive
-      holds one message's buffer; a wider window costs that memory and saves a notification
-      round per message on gloo (``scripts/bench.py`` measures both).
+      holds one message's buffer; a wider window costs that memory, and on gloo lets one wake-up
+      of the sender serve several receives (``scripts/bench.py`` measures both).
     * ``deallocate_pipeline_outputs``: once a stage's output is handed to the send, its data is
       released (:mod:`pipeschedule.memory`); the memory goes when the send is done, and backward
       still works from the output's autograd graph.

@@ -7,8 +7,8 @@ The plan is the one every schedule uses; only the waiting changes.
   ``i``), and up to ``i + 1 + W`` for a window ``W = config.overlap_recv_window``, topped up half a
   window at a time. On gloo every posted receive writes a ready notice to the sender, which wakes
   the sender's communication thread; posted in batches those wake-ups are shared, and the
-  zero-compute step is measured 15-30% shorter with ``W = 8`` than with one receive posted per
-  step (``scripts/bench.py --mode zero``).
+  zero-compute step was measured about 15 % shorter with ``W = 8`` than with ``W = 2``
+  (``docs/BENCHMARKS.md``).
 * Each receive is waited on right before the action that consumes its tensor.
 * A send is posted as soon as its tensor exists, inside the action, before the action's own
   bookkeeping. The sends of step ``i`` are waited on during step ``i + 1``, by when their

@@ -158,6 +158,10 @@ class PipelineTrace:
         if not any(actions):
             raise ValueError("the trace has no actions; record a step first")
         where = {(e.kind, e.microbatch, e.chunk * p + r): (r, i) for r, rank in enumerate(actions) for i, e in enumerate(rank)}
+        if len(where) != sum(map(len, actions)):
+            raise ValueError(
+                "the trace holds an action twice (more than one step?); call recorder.clear() before the step to analyse"
+            )
         last_stage = max(stage for _, _, stage in where)
         r, i = max(((r, len(rank) - 1) for r, rank in enumerate(actions) if rank), key=lambda ri: actions[ri[0]][ri[1]].end)
         chain, edges = [actions[r][i]], []

@@ -213,6 +213,13 @@ def test_an_empty_trace_has_no_critical_path() -> None:
         PipelineTrace(ranks=((), ())).critical_path()
 
 
+def test_a_trace_of_two_steps_is_refused() -> None:
+    one = (_event(0, "F", 0, 0.0, 1.0), _event(0, "B", 0, 1.0, 3.0))
+    again = (_event(0, "F", 0, 4.0, 5.0), _event(0, "B", 0, 5.0, 7.0))
+    with pytest.raises(ValueError, match=r"holds an action twice \(more than one step\?\); call recorder.clear\(\)"):
+        PipelineTrace(ranks=(one + again,)).critical_path()
+
+
 @pytest.mark.parametrize(("p", "v", "m"), [(2, 1, 3), (4, 1, 8), (4, 2, 8), (3, 2, 5), (4, 3, 12)])
 @pytest.mark.parametrize("latency", [0.0, 0.3])
 def test_the_critical_path_of_a_simulated_step_adds_up_to_the_step(p: int, v: int, m: int, latency: float) -> None:
