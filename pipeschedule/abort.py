@@ -84,7 +84,6 @@ class FailureHandling:
         due = {peer: self._due_from(peer) for peer in neighbours}
         told: list[int] = []
 
-
         def tell(tensor: torch.Tensor, peer: int) -> None:
             try:
                 if not self.framed:

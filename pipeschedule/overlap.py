@@ -70,12 +70,16 @@ class OverlappedRunner(PlanRunner):
     def _post_receives(self, upto: int) -> None:
         exchanges = self.plan.exchanges
         p = self.plan.p
+
+        def what() -> str:  # called only for an error
+            return f"{self.where}, posting receives"
+
         while self.posted_upto <= min(upto, len(exchanges) - 1):
             recvs = exchanges[self.posted_upto].recvs
             self.posted_upto += 1
             for msg in recvs:
                 buffer, peer = self.spec.empty(), msg.src_stage % p
-                work = post_recv(self.link, buffer, peer, what=lambda: f"{self.where}, posting receives", timeout=self.config.p2p_timeout)
+                work = post_recv(self.link, buffer, peer, what=what, timeout=self.config.p2p_timeout)
                 self.expected[msg] = (work, buffer, peer)
 
     def _start(self) -> None:

@@ -162,7 +162,6 @@ class PipelineTrace:
             raise ValueError(
                 "the trace holds an action twice (more than one step?); call recorder.clear() before the step to analyse"
             )
-        last_stage = max(stage for _, _, stage in where)
         r, i = max(((r, len(rank) - 1) for r, rank in enumerate(actions) if rank), key=lambda ri: actions[ri[0]][ri[1]].end)
         chain, edges = [actions[r][i]], []
         message_gaps = local_gaps = 0.0
@@ -170,7 +169,7 @@ class PipelineTrace:
             e = chain[-1]
             stage = e.chunk * p + r
             source = stage - 1 if e.kind == "F" else stage + 1
-            producer = where.get((e.kind, e.microbatch, source)) if 0 <= source <= last_stage else None
+            producer = where.get((e.kind, e.microbatch, source))  # None past either end of the pipeline
             before = actions[r][i - 1] if i > 0 else None
             if producer is not None and (before is None or actions[producer[0]][producer[1]].end > before.end):
                 r, i = producer

@@ -116,7 +116,7 @@ class _Contender:
 
 
 def _ours(setup: Setup, chunks: list[SleepChunk], rank: int, recorder: Any, *, overlap: bool, deallocate: bool = False,
-          recv_window: int = 8) -> _Contender:
+          recv_window: int | None = None) -> _Contender:
     import pipeschedule as ps
 
     data = [torch.randn(BATCH, SEQ, HIDDEN) for _ in range(setup.m)]
@@ -127,8 +127,9 @@ def _ours(setup: Setup, chunks: list[SleepChunk], rank: int, recorder: Any, *, o
         out = model(x)
         return out, lambda output: (_loss(output, target), {})
 
-    config = ps.PipelineConfig(pipeline_dtype=torch.float32, observer=recorder, overlap_p2p_comm=overlap, overlap_recv_window=recv_window,
-                               deallocate_pipeline_outputs=deallocate)
+    window = {} if recv_window is None else {"overlap_recv_window": recv_window}  # None: the config's default
+    config = ps.PipelineConfig(pipeline_dtype=torch.float32, observer=recorder, overlap_p2p_comm=overlap,
+                               deallocate_pipeline_outputs=deallocate, **window)
     interleaved = setup.v > 1
     func: Any = ps.forward_backward_pipelining_with_interleaving if interleaved else ps.forward_backward_pipelining_without_interleaving
 
@@ -246,7 +247,7 @@ def _measure(contender: _Contender, meter: Meter) -> list[float]:
 MEMORY_MODES = [(False, False), (False, True), (True, False), (True, True)]  # (overlap, deallocate)
 
 
-def _memory(setup: Setup, chunks: list[SleepChunk], rank: int, meter: Meter, recv_window: int) -> list[list[int | None]] | None:
+def _memory(setup: Setup, chunks: list[SleepChunk], rank: int, meter: Meter, recv_window: int | None) -> list[list[int | None]] | None:
     """Per mode of MEMORY_MODES, the peak bytes of stage inputs and outputs held per rank, over one step."""
     from pipeschedule.trace import TraceRecorder
 
@@ -276,8 +277,8 @@ def _worker(rank: int, init_file: str, args: argparse.Namespace, setups: list[Se
             # The pictures and traces show the overlapped mode, our fastest.
             recorder = TraceRecorder()
             contenders = [_ours(setup, chunks, rank, TraceRecorder(), overlap=False),
-                          _ours(setup, chunks, rank, recorder, overlap=True, recv_window=args.recv_window), _peer(setup, chunks, rank),
-                           _floor(setup, chunks, rank)]
+                          _ours(setup, chunks, rank, recorder, overlap=True, recv_window=args.recv_window),
+                          _peer(setup, chunks, rank), _floor(setup, chunks, rank)]
             samples: dict[str, list[list[list[float]]]] = {c.name: [] for c in contenders}
             zero = setup.tf == 0 and setup.tb == 0
             reps = args.zero_reps if zero else args.reps
@@ -419,7 +420,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--trace", default=None, help="Chrome trace JSON of one measured step")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before the run is abandoned")
     parser.add_argument("--p2p-timeout", type=float, default=60.0)
-    parser.add_argument("--recv-window", type=int, default=8, help="config.overlap_recv_window of the overlapped contender")
+    parser.add_argument("--recv-window", type=int, default=None,
+                        help="config.overlap_recv_window of the overlapped contender (default: the config's)")
     return parser
 
 
