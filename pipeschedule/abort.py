@@ -66,7 +66,7 @@ class FailureHandling:
         record = self._record_for(exc)
         p = self.plan.p
         owed = {msg.dst_stage % p for ex in self.plan.exchanges[self.next_exchange :] for msg in ex.sends}
-        closing = not self.plan.forward_only and self.link.rank > 0 and not self.closing_sent
+        closing = self.passes_token_count and self.link.rank > 0 and not self.closing_sent
         targets = sorted((owed | ({self.link.rank - 1} if closing else set())) - {record.rank, record.reporter, self.link.rank})
         notice = dataclasses.replace(record, reporter=self.link.rank)
         sends = []
@@ -126,7 +126,7 @@ class FailureHandling:
         owed = {msg for ex in plan.exchanges[self.next_exchange :] for msg in ex.sends}
         theirs = build_plan(p=p, r=peer, v=plan.v, m=plan.m, forward_only=plan.forward_only, group_size=plan.group_size)
         due: list[Message] = []
-        hears = not plan.forward_only and me > 0 and not self.closing_sent and peer == me - 1
+        hears = self.passes_token_count and me > 0 and not self.closing_sent and peer == me - 1
         for ex in theirs.exchanges:
             if any(msg in owed for msg in ex.recvs):
                 return due, True  # here the neighbour receives our notice
@@ -148,7 +148,7 @@ class FailureHandling:
             ops = [dist.P2POp(dist.irecv, self.spec.empty(), group=self.link.group, group_peer=peer) for _ in due]
             for work in dist.batch_isend_irecv(ops):
                 wait_bounded(work, link=self.link, peer=peer, what=what, timeout=self.config.p2p_timeout)
-        if not hears_from_us and not self.plan.forward_only and peer == self.link.rank + 1 and not self.closing_received:
+        if not hears_from_us and self.passes_token_count and peer == self.link.rank + 1 and not self.closing_received:
             # The token count comes last on this channel; take it so the neighbour can finish.
             buf = torch.empty(RECORD_LEN, dtype=torch.float64, device=self.device)
             dist.batch_isend_irecv([dist.P2POp(dist.irecv, buf, group=self.link.group, group_peer=peer)])

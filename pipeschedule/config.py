@@ -47,14 +47,29 @@ class PipelineConfig:
     explicit ``tensor_shape``). ``microbatch_group_size_per_vp_stage`` is the interleaved group size
     ``G`` (``None``: ``p``, or the smallest valid size when ``m % p != 0``).
 
-    Hooks, called at the points Megatron-core calls them:
+    Losses, as Megatron-core 0.16.1 treats them (``loss_func`` returns ``(loss, dict)`` or
+    ``(loss, num_tokens, dict)``): a two-item loss is divided in place by ``m``; a three-item loss
+    by ``max(num_tokens, 1)`` and then by ``m`` unless ``calculate_per_token_loss``. With
+    ``calculate_per_token_loss=True`` the loss is left whole and the step's total token count goes
+    to ``finalize_model_grads_func``, which divides the gradients (without a finalize function the
+    schedule divides them itself, in ``param.main_grad`` where that exists, else ``param.grad``).
+
+    Hooks, called where Megatron-core calls them (:mod:`pipeschedule.sync`):
 
     * ``no_sync_func``: returns a context manager that suspends data-parallel gradient
-      reduction; a list gives one per model chunk. Entered before the first backward and left before
-      the last backward of the step (per chunk when it is a list), so the reduction runs once.
-    * ``grad_sync_func(params)``: after a chunk's last backward; a list gives one per chunk.
-    * ``param_sync_func(params)``: before a chunk's first forward; a list gives one per chunk.
-    * ``finalize_model_grads_func(model_chunks, num_tokens)``: once, after all backwards.
+      reduction; a list gives one per model chunk (entered and left together). Entered before the
+      first backward; left around a chunk's last backward when there is no ``grad_sync_func``
+      (1F1B: before the rank's last backward), otherwise only around the ``grad_sync_func`` calls and
+      at the end.
+    * ``grad_sync_func(params)``: starts a chunk's gradient reduction. Interleaved: after the
+      backward that comes ``r`` backwards after the chunk's last one (rank ``r``), or at the end.
+      1F1B: at the end, on every rank but the first (there, leaving ``no_sync`` before the last
+      backward lets the data-parallel wrapper start it). A list gives one per chunk.
+    * ``param_sync_func(params)``: interleaved only, for chunks 0 and 1 before the first forward,
+      for chunk ``c >= 2`` ``r`` forwards before chunk ``c - 1`` starts. A list gives one per chunk.
+    * ``finalize_model_grads_func(model_chunks, num_tokens, pg_collection=..., force_all_reduce=...)``:
+      once, after all backwards; ``num_tokens`` is the step's token count with
+      ``calculate_per_token_loss``, else ``None``. Only the keywords it accepts are passed.
     * ``grad_scale_func(loss)``: scales the loss on the last stage before its backward.
     * ``observer(event)``: told every action and exchange as it completes (:class:`ScheduleEvent`).
 
@@ -96,6 +111,7 @@ class PipelineConfig:
     overlap_p2p_comm: bool = False
     overlap_recv_window: int = 8
     deallocate_pipeline_outputs: bool = False
+    calculate_per_token_loss: bool = False
 
     @property
     def sends_headers(self) -> bool:

@@ -17,6 +17,7 @@ so every rank raises and none hangs.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -91,6 +92,7 @@ class PlanRunner(FailureHandling):
         collect_non_loss_data: bool,
         sync_last_forward: bool = False,
         device: torch.device | None = None,
+        finalize_extras: dict[str, Any] | None = None,
     ) -> None:
         self.plan = plan
         self.link = link
@@ -100,7 +102,9 @@ class PlanRunner(FailureHandling):
         self.config = config
         self.spec = spec
         self.collect_non_loss_data = collect_non_loss_data
-        self.sync = GradSync(config, chunks, plan.actions, sync_last_forward=sync_last_forward)
+        mode = "none" if sync_last_forward else "interleaved" if plan.v > 1 else "1f1b"
+        self.sync = GradSync(config, chunks, plan.actions, mode=mode, rank=link.rank, m=plan.m)
+        self.finalize_extras = finalize_extras or {}
         self.inbox: dict[Message, torch.Tensor] = {}
         self.outbox: dict[Message, torch.Tensor] = {}
         self.saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
@@ -119,6 +123,8 @@ class PlanRunner(FailureHandling):
         self.next_exchange = 0  # index into plan.exchanges of the first exchange not yet posted
         self.bad_output: torch.Tensor | None = None
         self.received: set[Message] = set()
+        # With per-token losses the step ends by passing the token count down the ranks (_finalize).
+        self.passes_token_count = config.calculate_per_token_loss and not plan.forward_only and plan.p > 1
         self.closing_sent = False  # the token count message to the previous rank
         self.closing_received = False
         self.input_setters = [_input_setter(chunk) for chunk in chunks]
@@ -138,16 +144,13 @@ class PlanRunner(FailureHandling):
             self.where = "finished its last exchange"
             self.doing = (Reason.OTHER, None)
             self.pending.wait(link=self.link, timeout=self.config.p2p_timeout)
-            self.sync.close()
+            self.where = "started the data-parallel gradient reductions (no_sync_func, grad_sync_func)"
+            self.sync.finish()
             leftovers = {"inbox": self.inbox, "outbox": self.outbox, "saved": self.saved}
             if any(leftovers.values()):
                 raise RuntimeError(f"the step ended with unconsumed tensors: { {k: list(v) for k, v in leftovers.items() if v} }")
             if not self.plan.forward_only:
-                self._normalise_per_token()
-                if self.config.finalize_model_grads_func is not None:
-                    # Gradients are already normalised, so a Megatron finalize must not scale them again.
-                    self.where = "ran finalize_model_grads_func"
-                    self.config.finalize_model_grads_func(self.chunks, None)
+                self._finalize()
         except BaseException as exc:
             self._abort(exc)
             raise
@@ -244,18 +247,27 @@ class PlanRunner(FailureHandling):
                 f"return the same form for every microbatch of a step"
             )
         self.loss_arity = len(result)
-        if len(result) == 3:
-            # Per-token loss: the total token count is known only after the last microbatch, so
-            # gradients are divided by it once at the end of the step (see _normalise_per_token).
-            loss, num_tokens, reduced = result
-            tokens = torch.as_tensor(num_tokens, dtype=torch.float64).detach().reshape(())
-            self.num_tokens = tokens if self.num_tokens is None else self.num_tokens + tokens
-        else:
-            loss, reduced = result
-            loss = loss / self.plan.m
-        self.store.append(reduced)
+        loss, reduced = result[0], result[-1]
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise TypeError(f"loss_func's loss must be a tensor with one element, got {_describe(loss)}")
+        # Megatron-core's rules, in place as there (a reduced dict holding the same tensor sees the
+        # division); see PipelineConfig.
+        if len(result) == 3:
+            tokens = torch.as_tensor(result[1]).detach().reshape(()).to(self.device)
+            if self.config.calculate_per_token_loss:
+                # The step's token count is known after the last microbatch; the gradients are
+                # divided by it at the end of the step (see _finalize).
+                if self.num_tokens is None:
+                    self.num_tokens = torch.zeros((), dtype=torch.int, device=self.device)
+                if tokens.is_floating_point() and not self.num_tokens.is_floating_point():
+                    self.num_tokens = self.num_tokens.double()
+                self.num_tokens += tokens
+            else:
+                loss = _divide_in_place(loss, torch.clamp(tokens, min=1))
+                loss = _divide_in_place(loss, self.plan.m)
+        else:
+            loss = _divide_in_place(loss, self.plan.m)
+        self.store.append(reduced)
         if self.config.grad_scale_func is not None and not self.plan.forward_only:
             loss = self.config.grad_scale_func(loss)
         return loss
@@ -342,21 +354,69 @@ class PlanRunner(FailureHandling):
         for tensor, msg in zip(tensors, msgs):
             self._raise_if_abort(tensor, msg)
 
-    def _normalise_per_token(self) -> None:
-        """With per-token losses, divide every gradient by the step's total token count.
+    def _finalize(self) -> None:
+        """After every backward: the step's token count, then ``finalize_model_grads_func`` or our own division.
 
-        Only the last stage knows the count, so it is passed down the pipeline (every rank takes
-        part, with 0 meaning "losses were already divided by m").
+        With ``calculate_per_token_loss`` only the last stage knows the count, so it is passed down
+        the pipeline first (every rank takes part) and every rank hands the same count on.
+        Megatron's finalize divides the gradients by it; without a finalize the schedule does, so
+        gradients are those of the per-token mean either way.
         """
-        total = self.num_tokens if self.num_tokens is not None else torch.zeros((), dtype=torch.float64)
-        if self.plan.p > 1:
-            total = self._pass_token_count(total)
-        if float(total) <= 0:
+        total = None
+        if self.config.calculate_per_token_loss:
+            total = self.num_tokens if self.num_tokens is not None else torch.zeros((), dtype=torch.int, device=self.device)
+            if self.passes_token_count:
+                value = float(self._pass_token_count(total.to(torch.float64)))
+                dtype = torch.int if value.is_integer() else torch.float64
+                total = torch.tensor(value, dtype=dtype, device=self.device)
+        finalize = self.config.finalize_model_grads_func
+        if finalize is None:
+            if total is not None and float(total) > 0:
+                _divide_gradients(self.chunks, total)
             return
-        for chunk in self.chunks:
-            for param in chunk.parameters():
-                if param.grad is not None:
-                    param.grad.div_(total.to(param.grad.dtype))
+        self.where = "ran finalize_model_grads_func"
+        finalize(self.chunks, total, **_accepted_keywords(finalize, self.finalize_extras))
+
+
+def _divide_in_place(loss: torch.Tensor, divisor: torch.Tensor | int) -> torch.Tensor:
+    """``loss /= divisor`` as Megatron does it; a tensor autograd will not let change in place is divided out of place."""
+    try:
+        loss /= divisor
+    except RuntimeError:  # a leaf that requires grad, or a view autograd protects
+        loss = loss / divisor
+    return loss
+
+
+def _divide_gradients(chunks: list[torch.nn.Module], total: torch.Tensor) -> None:
+    """Divide each parameter's gradient by ``total``: ``main_grad`` (Megatron's DDP buffers) and ``.grad``.
+
+    A parameter shared by two chunks is divided once, and a ``.grad`` that is the ``main_grad``
+    buffer itself is not divided twice.
+    """
+    seen: set[int] = set()
+    for chunk in chunks:
+        for param in chunk.parameters():
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            main = getattr(param, "main_grad", None)
+            grads = [main] if isinstance(main, torch.Tensor) else []
+            if param.grad is not None and not (grads and param.grad.data_ptr() == main.data_ptr()):
+                grads.append(param.grad)
+            for grad in grads:
+                grad.div_(total.to(grad.dtype))
+
+
+def _accepted_keywords(func: Callable, keywords: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``keywords`` that ``func`` accepts (all of them if it takes ``**kwargs``)."""
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): pass what Megatron passes
+        return keywords
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return keywords
+    names = {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    return {k: v for k, v in keywords.items() if k in names}
 
 
 def _check_forward_result(result: Any, stage: int) -> tuple[torch.Tensor, Callable]:

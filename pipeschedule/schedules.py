@@ -18,6 +18,7 @@ Typical use in a training loop::
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -108,7 +109,7 @@ def _device_of(chunks: list[torch.nn.Module]) -> torch.device:
 
 def _check_config(config: PipelineConfig) -> None:
     """The communication settings, checked before anything is sent."""
-    for name in ("variable_seq_lengths", "check_p2p_shapes", "overlap_p2p_comm", "deallocate_pipeline_outputs"):
+    for name in ("variable_seq_lengths", "check_p2p_shapes", "overlap_p2p_comm", "deallocate_pipeline_outputs", "calculate_per_token_loss"):
         value = getattr(config, name)
         if not isinstance(value, bool):
             raise TypeError(f"config.{name} must be True or False, got {value!r}")
@@ -147,6 +148,7 @@ def _run(
     config: Any,
     link: Neighbours,
     no_pipelining: bool = False,
+    finalize_extras: dict[str, Any] | None = None,
 ) -> list[Any]:
     if not callable(forward_step_func):
         raise TypeError(f"forward_step_func must be callable, got {type(forward_step_func).__name__}")
@@ -174,118 +176,167 @@ def _run(
     runner = (OverlappedRunner if overlapped else PlanRunner)(
         plan=plan, link=link, forward_step_func=forward_step_func, data_iterators=iterators, chunks=chunks,
         config=cfg, spec=spec, collect_non_loss_data=collect_non_loss_data, sync_last_forward=no_pipelining,
-        device=_device_of(chunks),
+        device=_device_of(chunks), finalize_extras=finalize_extras or {},
     )
     return runner.run()
 
 
-def forward_backward_no_pipelining(
-    *,
-    forward_step_func: ForwardStepFunc,
-    data_iterator: Any,
-    model: torch.nn.Module | list[torch.nn.Module],
-    num_microbatches: int,
-    seq_length: int | None = None,
-    micro_batch_size: int | None = None,
-    decoder_seq_length: int | None = None,
-    forward_only: bool = False,
-    collect_non_loss_data: bool = False,
-    first_val_step: bool | None = None,
-    config: Any = None,
-    group: Any = None,
-    tensor_shape: Sequence[int] | None = None,
-) -> list[Any]:
-    """Forward and backward of each microbatch in turn on this process, with no communication.
+def _megatron_extras(
+    *, adjust_tensor_shapes_fn: Any, p2p_communicator: Any, pg_collection: Any, group: Any
+) -> Any:
+    """Megatron-core's plumbing keywords: refuse what cannot be honoured, return the pipeline group.
+
+    ``pg_collection`` is read only for its pipeline group (``.pp``); an explicit ``group`` wins and
+    must agree with it.
+    """
+    if adjust_tensor_shapes_fn is not None:
+        raise ValueError(
+            "adjust_tensor_shapes_fn is not supported: activations are [seq_length, micro_batch_size, hidden_size] "
+            "(or tensor_shape), or announced per message with config.variable_seq_lengths=True; pass None"
+        )
+    if p2p_communicator is not None:
+        raise ValueError(
+            f"p2p_communicator ({type(p2p_communicator).__name__}) is not supported: pipeschedule sends through its "
+            f"own batched primitive on the pipeline process group; pass None, and the group as group= (or in "
+            f"pg_collection.pp)"
+        )
+    pp = getattr(pg_collection, "pp", None) if pg_collection is not None else None
+    if pp is not None and group is not None and pp is not group:
+        raise ValueError(
+            "group and pg_collection.pp name different process groups; pass one of them (they are both the pipeline group)"
+        )
+    if group is None:
+        group = pp if pp is not None else _megatron_state()["group"]
+    return group
+
+
+def _megatron_state() -> dict[str, Any]:
+    """Megatron's ``parallel_state`` when the caller has imported and initialised it, else nothing.
+
+    It is looked up in ``sys.modules`` only: pipeschedule never imports megatron.
+    """
+    state = sys.modules.get("megatron.core.parallel_state")
+    initialised = getattr(state, "model_parallel_is_initialized", None)
+    if state is None or initialised is None or not initialised():
+        return {"group": None, "size": None, "virtual_size": None}
+    return {
+        "group": state.get_pipeline_model_parallel_group(),
+        "size": state.get_pipeline_model_parallel_world_size(),
+        "virtual_size": state.get_virtual_pipeline_model_parallel_world_size(),
+    }
+
+
+def _schedule(name: str, *, interleaved: bool, no_pipelining: bool = False) -> Callable[..., list[Any]]:
+    """One of the three public schedule functions; they differ in how they take ``model`` and the group."""
+
+    def schedule(
+        *,
+        forward_step_func: ForwardStepFunc,
+        data_iterator: Any,
+        model: torch.nn.Module | list[torch.nn.Module],
+        num_microbatches: int,
+        seq_length: int | None = None,
+        micro_batch_size: int | None = None,
+        decoder_seq_length: int | None = None,
+        forward_only: bool = False,
+        collect_non_loss_data: bool = False,
+        first_val_step: bool | None = None,
+        adjust_tensor_shapes_fn: Callable | None = None,
+        p2p_communicator: Any = None,
+        pg_collection: Any = None,
+        force_all_reduce: bool | None = False,
+        config: Any = None,
+        group: Any = None,
+        tensor_shape: Sequence[int] | None = None,
+    ) -> list[Any]:
+        group = _megatron_extras(
+            adjust_tensor_shapes_fn=adjust_tensor_shapes_fn, p2p_communicator=p2p_communicator,
+            pg_collection=pg_collection, group=group,
+        )
+        chunks, iterators = _as_lists(model, data_iterator, interleaved=interleaved)
+        return _run(
+            forward_step_func=forward_step_func, chunks=chunks, iterators=iterators, num_microbatches=num_microbatches,
+            seq_length=seq_length, micro_batch_size=micro_batch_size, tensor_shape=tensor_shape,
+            forward_only=forward_only, collect_non_loss_data=collect_non_loss_data, config=config,
+            link=Neighbours(group=None, rank=0, size=1) if no_pipelining else Neighbours.of(group),
+            no_pipelining=no_pipelining, finalize_extras={"pg_collection": pg_collection, "force_all_reduce": force_all_reduce},
+        )
+
+    schedule.__name__ = schedule.__qualname__ = name
+    return schedule
+
+
+forward_backward_no_pipelining = _schedule("forward_backward_no_pipelining", interleaved=False, no_pipelining=True)
+forward_backward_no_pipelining.__doc__ = """Forward and backward of each microbatch in turn on this process, with no communication.
 
     Every microbatch but the last runs under ``config.no_sync_func()``, so data-parallel gradient
-    reduction happens once. ``group`` is ignored (there is no pipeline); ``decoder_seq_length`` and
-    ``first_val_step`` are accepted for Megatron compatibility and unused.
+    reduction happens once in the last backward (``grad_sync_func`` and ``param_sync_func`` are not
+    called, as in Megatron-core). ``group`` is ignored (there is no pipeline). Takes every keyword of
+    Megatron-core 0.16.1's function; ``decoder_seq_length`` and ``first_val_step`` are unused, and
+    ``pg_collection`` and ``force_all_reduce`` are handed to ``config.finalize_model_grads_func``.
     """
-    chunks, iterators = _as_lists(model, data_iterator, interleaved=False)
-    return _run(
-        forward_step_func=forward_step_func, chunks=chunks, iterators=iterators, num_microbatches=num_microbatches,
-        seq_length=seq_length, micro_batch_size=micro_batch_size, tensor_shape=tensor_shape,
-        forward_only=forward_only, collect_non_loss_data=collect_non_loss_data, config=config,
-        link=Neighbours(group=None, rank=0, size=1), no_pipelining=True,
-    )
 
-
-def forward_backward_pipelining_without_interleaving(
-    *,
-    forward_step_func: ForwardStepFunc,
-    data_iterator: Any,
-    model: torch.nn.Module | list[torch.nn.Module],
-    num_microbatches: int,
-    seq_length: int | None = None,
-    micro_batch_size: int | None = None,
-    decoder_seq_length: int | None = None,
-    forward_only: bool = False,
-    collect_non_loss_data: bool = False,
-    first_val_step: bool | None = None,
-    config: Any = None,
-    group: Any = None,
-    tensor_shape: Sequence[int] | None = None,
-) -> list[Any]:
-    """1F1B: ``W = min(p - r - 1, m)`` warmup forwards, ``m - W`` forward+backward rounds, ``W`` cooldown backwards.
+forward_backward_pipelining_without_interleaving = _schedule("forward_backward_pipelining_without_interleaving", interleaved=False)
+forward_backward_pipelining_without_interleaving.__doc__ = """1F1B: ``W = min(p - r - 1, m)`` warmup forwards, ``m - W`` forward+backward rounds, ``W`` cooldown backwards.
 
     At most ``min(p - r, m)`` microbatches' activations are alive on rank ``r`` at once. ``group`` is
-    the pipeline process group (default: the default group); activations are
+    the pipeline process group (default: ``pg_collection.pp``, else Megatron's initialised
+    ``parallel_state``, else the default group); activations are
     ``[seq_length, micro_batch_size, config.hidden_size]`` of ``config.pipeline_dtype`` unless
-    ``tensor_shape`` is given.
+    ``tensor_shape`` is given. Takes every keyword of Megatron-core 0.16.1's function;
+    ``adjust_tensor_shapes_fn`` and ``p2p_communicator`` must be ``None``.
     """
-    chunks, iterators = _as_lists(model, data_iterator, interleaved=False)
-    return _run(
-        forward_step_func=forward_step_func, chunks=chunks, iterators=iterators, num_microbatches=num_microbatches,
-        seq_length=seq_length, micro_batch_size=micro_batch_size, tensor_shape=tensor_shape,
-        forward_only=forward_only, collect_non_loss_data=collect_non_loss_data, config=config,
-        link=Neighbours.of(group),
-    )
 
-
-def forward_backward_pipelining_with_interleaving(
-    *,
-    forward_step_func: ForwardStepFunc,
-    data_iterator: list[Any],
-    model: list[torch.nn.Module],
-    num_microbatches: int,
-    seq_length: int | None = None,
-    micro_batch_size: int | None = None,
-    decoder_seq_length: int | None = None,
-    forward_only: bool = False,
-    collect_non_loss_data: bool = False,
-    first_val_step: bool | None = None,
-    config: Any = None,
-    group: Any = None,
-    tensor_shape: Sequence[int] | None = None,
-) -> list[Any]:
-    """Interleaved 1F1B over ``v = len(model)`` chunks per rank; chunk ``c`` on rank ``r`` is stage ``c·p + r``.
+forward_backward_pipelining_with_interleaving = _schedule("forward_backward_pipelining_with_interleaving", interleaved=True)
+forward_backward_pipelining_with_interleaving.__doc__ = """Interleaved 1F1B over ``v = len(model)`` chunks per rank; chunk ``c`` on rank ``r`` is stage ``c·p + r``.
 
     Needs ``num_microbatches >= p``. Microbatches go through each chunk in groups of
     ``G = config.microbatch_group_size_per_vp_stage`` (default ``p``; when ``m % p != 0``, the smallest
     ``G`` that divides ``m`` or leaves a last group of at least ``p``). Warmup is
-    ``min(2 (p - r - 1) + (v - 1) G, m v)`` forwards. Exact at ``p = 2`` too.
+    ``min(2 (p - r - 1) + (v - 1) G, m v)`` forwards. Exact at ``p = 2`` too. The group and the
+    Megatron keywords are taken as by :func:`forward_backward_pipelining_without_interleaving`.
     """
-    chunks, iterators = _as_lists(model, data_iterator, interleaved=True)
-    return _run(
-        forward_step_func=forward_step_func, chunks=chunks, iterators=iterators, num_microbatches=num_microbatches,
-        seq_length=seq_length, micro_batch_size=micro_batch_size, tensor_shape=tensor_shape,
-        forward_only=forward_only, collect_non_loss_data=collect_non_loss_data, config=config,
-        link=Neighbours.of(group),
-    )
 
 
 def get_forward_backward_func(
-    virtual_pipeline_model_parallel_size: int | None = None, group: Any = None
+    pp_size: int | None = None,
+    vp_size: int | None = None,
+    *,
+    virtual_pipeline_model_parallel_size: int | None = None,
+    group: Any = None,
 ) -> Callable[..., list[Any]]:
     """The schedule for this pipeline: none for one rank, interleaved when ``v > 1``, else 1F1B.
 
-    With a ``group``, the returned function is bound to it.
+    Megatron-core's call works unchanged: ``pp_size`` and ``vp_size`` (or our
+    ``virtual_pipeline_model_parallel_size``) give the sizes. With no argument at all, Megatron's
+    ``parallel_state`` is read when the caller has initialised it (pipeline size, virtual size and
+    group); otherwise the pipeline is ``group`` (default: the default group). The returned function
+    is bound to the pipeline group when one is known, so it can be called without ``group=``.
     """
+    if vp_size is not None and virtual_pipeline_model_parallel_size is not None and vp_size != virtual_pipeline_model_parallel_size:
+        raise ValueError(
+            f"vp_size={vp_size} and virtual_pipeline_model_parallel_size={virtual_pipeline_model_parallel_size} "
+            f"disagree; they are the same setting, pass one"
+        )
+    v = vp_size if vp_size is not None else virtual_pipeline_model_parallel_size
+    for name, value in (("pp_size", pp_size), ("vp_size", v)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(
+                f"{name} must be a positive integer or None, got {value!r}; the positional order is Megatron-core's "
+                f"(pp_size, vp_size), and the process group goes in group="
+            )
+    megatron = _megatron_state()
+    if pp_size is None and v is None and group is None and megatron["group"] is not None:
+        pp_size, v, group = megatron["size"], megatron["virtual_size"], megatron["group"]
+    elif group is None and megatron["group"] is not None:
+        group = megatron["group"]
     size = Neighbours.of(group).size
+    if pp_size is not None and pp_size != size:
+        raise ValueError(
+            f"pp_size={pp_size} but the pipeline process group has {size} ranks; pass the pipeline group as group= "
+            f"(or initialise Megatron's parallel_state), or pp_size={size}"
+        )
     if size == 1:
         return forward_backward_no_pipelining
-    if virtual_pipeline_model_parallel_size is not None and virtual_pipeline_model_parallel_size > 1:
-        func = forward_backward_pipelining_with_interleaving
-    else:
-        func = forward_backward_pipelining_without_interleaving
+    func = forward_backward_pipelining_with_interleaving if v is not None and v > 1 else forward_backward_pipelining_without_interleaving
     return func if group is None else functools.partial(func, group=group)

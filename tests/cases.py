@@ -26,6 +26,7 @@ class Case:
     group: str = "all"
     forward_only: bool = False
     loss_arity: int = 2  # 2: (loss, dict); 3: (loss, num_tokens, dict)
+    per_token: bool = False  # config.calculate_per_token_loss (with loss_arity 3)
     group_size: int | None = None
     seed: int = 0
     # Fault to provoke, for error tests: name -> detail.
@@ -89,11 +90,12 @@ def loss_func_for(case: Case, batch: dict[str, torch.Tensor]):
         if non_loss_data:
             return {"output_sum": output.detach().sum().item()}
         err = ((output - batch["y"]) ** 2).sum(-1) * batch["mask"]
+        # The reported loss is a copy: the schedule divides the loss it is given in place.
         if case.loss_arity == 3:
             tokens = batch["mask"].sum()
             return err.sum(), tokens, {"loss": (err.sum() / tokens).detach()}
         loss = err.sum() / batch["mask"].sum()
-        return loss, {"loss": loss.detach()}
+        return loss, {"loss": loss.detach().clone()}
 
     return loss_func
 
@@ -133,15 +135,17 @@ def reference(case: Case) -> dict[str, Any]:
         losses.append(result[-1]["loss"].item())
         if case.forward_only:
             continue
-        if case.loss_arity == 3:
+        if case.loss_arity == 3 and case.per_token:
             result[0].backward()
             tokens = tokens + result[1]
+        elif case.loss_arity == 3:
+            (result[0] / result[1].clamp(min=1) / case.m).backward()
         else:
             (result[0] / case.m).backward()
     grads = {}
     if not case.forward_only:
         for stage in stages:
-            if case.loss_arity == 3:
+            if case.loss_arity == 3 and case.per_token:
                 for param in stage.parameters():
                     param.grad.div_(tokens)
             grads[stage.stage] = [param.grad.numpy().copy() for param in stage.parameters()]
@@ -199,6 +203,7 @@ def run_case(case: Case, rank: int, groups: dict) -> dict[str, Any] | None:
         overlap_p2p_comm=case.overlap,
         overlap_recv_window=case.recv_window,
         deallocate_pipeline_outputs=case.deallocate,
+        calculate_per_token_loss=case.per_token,
         **({} if case.p2p_timeout is None else {"p2p_timeout": case.p2p_timeout}),
     )
     model: Any = chunks if case.schedule == "interleaved" else chunks[0]
@@ -318,7 +323,7 @@ def chosen_schedules(_arg: Any, rank: int, groups: dict) -> dict[str, list[str]]
         return getattr(func, "func", func).__name__  # bound to a group: a functools.partial
 
     return {
-        group: [name(ps.get_forward_backward_func(vp, groups[group])) for vp in (None, 1, 2)]
+        group: [name(ps.get_forward_backward_func(virtual_pipeline_model_parallel_size=vp, group=groups[group])) for vp in (None, 1, 2)]
         for group, ranks in GROUPS.items()
         if rank in ranks
     }

@@ -56,15 +56,22 @@ def test_no_pipelining_runs_all_but_the_last_microbatch_under_no_sync():
     assert inside == [("F", True), ("B", True)] * 3 + [("F", False), ("B", False)]
 
 
-def test_one_no_sync_for_all_chunks_is_left_before_the_last_backward():
+def test_one_no_sync_for_all_chunks_is_left_for_each_chunks_last_backward():
+    # Interleaved without grad_sync_func (Megatron-core's rule): no_sync is left for the backward
+    # of each chunk's last microbatch, so the wrapper reduces that chunk, and entered again after.
     case = Case("interleaved", p=1, v=3, m=2)
     chunks = [Stage(s, 3, 0) for s in range(3)]
     rec = Recorder(chunks)
     run("interleaved", case, {"no_sync_func": rec.no_sync("all")}, chunks)
-    assert [bool(state) for _, _, state in rec.log] == [True] * (len(rec.log) - 1) + [False]
+    plan = ps.build_plan(p=1, r=0, v=3, m=2)
+    last = [a.microbatch == case.m - 1 for a in plan.actions if a.kind == "B"]
+    assert [bool(state) for kind, _, state in rec.log if kind == "B"] == [not x for x in last]
+    assert all(state for kind, _, state in rec.log if kind == "F") and not rec.open
 
 
-def test_per_chunk_no_sync_and_grad_sync_run_once_per_chunk_after_its_last_backward():
+def test_per_chunk_no_sync_stays_entered_and_grad_sync_runs_once_per_chunk_after_its_last_backward():
+    # With grad_sync_func the hook starts each reduction: every backward runs inside every chunk's
+    # no_sync, and on rank 0 chunk c's grad sync comes right after its last backward.
     case = Case("interleaved", p=1, v=3, m=3)
     chunks = [Stage(s, 3, 0) for s in range(3)]
     rec = Recorder(chunks)
@@ -73,31 +80,42 @@ def test_per_chunk_no_sync_and_grad_sync_run_once_per_chunk_after_its_last_backw
     def grad_sync(params):
         params = list(params)
         chunk = next(c for c, ch in enumerate(chunks) if ch.weight is params[0])
-        synced.append((chunk, len(rec.log)))
+        synced.append((chunk, len(rec.log), frozenset(rec.open)))
+
+    def param_sync(params):
+        params = list(params)
+        params_synced.append((next(c for c, ch in enumerate(chunks) if ch.weight is params[0]), len(rec.log)))
 
     out, _ = run(
         "interleaved", case,
         {
             "no_sync_func": [rec.no_sync(c) for c in range(3)],
             "grad_sync_func": grad_sync,
-            "param_sync_func": lambda params: params_synced.append(len(rec.log)),
+            "param_sync_func": param_sync,
             "finalize_model_grads_func": lambda model, num_tokens: finalized.append((len(model), num_tokens, len(rec.log))),
         },
         chunks,
     )
     backwards = [(i, c, state) for i, (kind, c, state) in enumerate(rec.log) if kind == "B"]
+    assert all(state == {0, 1, 2} for _, _, state in backwards)
     for c in range(3):
-        mine = [(i, state) for i, cc, state in backwards if cc == c]
-        # Every backward of chunk c but its last runs with chunk c's context open.
-        assert all(c in state for _, state in mine[:-1]) and c not in mine[-1][1]
-        # Its grad sync comes right after its last backward, once.
-        assert [n for cc, n in synced if cc == c] == [mine[-1][0] + 1]
-    # Each chunk's parameters are synced before its first forward.
-    assert params_synced == [i for i, (kind, c, _) in enumerate(rec.log) if kind == "F" and c == 0][:1] + [
-        [i for i, (kind, cc, _) in enumerate(rec.log) if kind == "F" and cc == c][0] for c in (1, 2)
-    ]
-    assert finalized == [(3, None, len(rec.log))]
+        mine = [i for i, cc, _ in backwards if cc == c]
+        assert [(n, state) for cc, n, state in synced if cc == c] == [(mine[-1] + 1, frozenset())]
+    first_forward = {c: next(i for i, (kind, cc, _) in enumerate(rec.log) if kind == "F" and cc == c) for c in range(3)}
+    # Chunks 0 and 1 before the first forward; chunk c >= 2 when chunk c - 1 starts (r = 0 ahead).
+    assert params_synced == [(0, 0), (1, 0), (2, first_forward[1])]
+    assert finalized == [(3, None, len(rec.log))] and not rec.open
     assert len(out) == 3
+
+
+def test_1f1b_on_the_first_rank_leaves_no_sync_before_its_last_backward_and_calls_no_grad_sync():
+    case = Case("1f1b", p=1, v=1, m=3)
+    chunks = [Stage(0, 1, 0)]
+    rec = Recorder(chunks)
+    calls = []
+    run("1f1b", case, {"no_sync_func": rec.no_sync("all"), "grad_sync_func": calls.append}, chunks)
+    assert [bool(state) for _, _, state in rec.log] == [True] * 5 + [False]
+    assert calls == []
 
 
 def test_hooks_do_not_run_forward_only():

@@ -24,7 +24,7 @@ def cases(draw):
         group_size = draw(st.sampled_from([g for g in range(p, m + 1) if m % g == 0 or m % g >= p]))
     return Case(
         schedule=schedule, p=p, v=v, m=m, group=draw(st.sampled_from(GROUP_FOR_P[p])),
-        forward_only=draw(st.booleans()), loss_arity=draw(st.sampled_from([2, 3])),
+        forward_only=draw(st.booleans()), loss_arity=draw(st.sampled_from([2, 3])), per_token=draw(st.booleans()),
         group_size=group_size, seed=draw(st.integers(0, 1000)), overlap=draw(st.booleans()),
         deallocate=draw(st.booleans()), recv_window=draw(st.integers(2, 2 * m + 3)),
     )
@@ -64,12 +64,14 @@ def test_exact_gradients_and_planned_order(pool, case):
         Case("interleaved", p=2, v=2, m=4, group="2-3"),  # p = 2: both neighbours are one rank
         Case("interleaved", p=2, v=3, m=5, group="0-1"),  # p = 2 with G = 5 > p
         Case("interleaved", p=4, v=2, m=8),  # the classic setting
-        Case("interleaved", p=4, v=3, m=6, loss_arity=3),  # m % p != 0, per-token loss
+        Case("interleaved", p=4, v=3, m=6, loss_arity=3),  # m % p != 0, per-microbatch token mean
+        Case("interleaved", p=4, v=3, m=6, loss_arity=3, per_token=True),  # per-token loss over the step
+        Case("1f1b", p=3, v=1, m=5, group="1-3", loss_arity=3, per_token=True),
         Case("interleaved", p=3, v=2, m=3, group="1-3"),  # m == p
         Case("1f1b", p=4, v=1, m=1),  # fewer microbatches than ranks
         Case("1f1b", p=4, v=1, m=7, forward_only=True),
         Case("interleaved", p=2, v=2, m=4, group="0-1", overlap=True),
-        Case("interleaved", p=2, v=3, m=5, group="2-3", overlap=True, loss_arity=3),
+        Case("interleaved", p=2, v=3, m=5, group="2-3", overlap=True, loss_arity=3, per_token=True),
         Case("interleaved", p=4, v=2, m=16, overlap=True),
         Case("interleaved", p=4, v=3, m=6, overlap=True),
         Case("1f1b", p=3, v=1, m=5, group="1-3", overlap=True),

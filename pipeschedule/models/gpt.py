@@ -334,7 +334,9 @@ def make_forward_step(
 
     On the last stage ``loss_func(output_tensor)`` returns ``(mean token loss, {'lm_loss': ...})``
     or, with ``per_token_loss=True``, ``(sum of token losses, num_tokens, {'lm_loss_sum': ...,
-    'num_tokens': ...})`` so that the schedule normalises by the total token count.
+    'num_tokens': ...})``, which with ``config.calculate_per_token_loss=True`` normalises by the
+    step's total token count. The reported values are copies, untouched by the schedule's in-place
+    division of the loss.
     ``loss_func(output_tensor, non_loss_data=True)`` returns the detached per-token losses.
     ``model_chunk`` may be wrapped (e.g. in ``DistributedDataParallel``): the stage flags are read
     from the :class:`GPTChunk` inside, and the wrapper is what gets called, so its hooks run.
@@ -347,9 +349,9 @@ def make_forward_step(
         count = output_tensor.numel()
         if per_token_loss:
             num_tokens = torch.tensor(count, dtype=torch.int64, device=output_tensor.device)
-            return total, num_tokens, {"lm_loss_sum": total.detach(), "num_tokens": num_tokens}
+            return total, num_tokens, {"lm_loss_sum": total.detach().clone(), "num_tokens": num_tokens}
         loss = total / count
-        return loss, {"lm_loss": loss.detach()}
+        return loss, {"lm_loss": loss.detach().clone()}
 
     def forward_step(
         data_iterator: Iterator[Batch] | None, model_chunk: nn.Module
