@@ -9,17 +9,19 @@ runs up to ``p - r`` forwards before the first backward), so an armed reducer wo
 an early microbatch's backward, with partial gradients, and once more for the next forward.
 Megatron's own DDP only gates its hooks with ``no_sync``; torch's DDP needs a different recipe:
 
-* every forward and backward of a chunk runs with the reducer unarmed: ``config.no_sync_func`` is
-  the list of the chunks' ``ddp.no_sync``, entered by the schedule before the step's first action.
-  The schedule leaves a chunk's context before that chunk's last backward (Megatron's point,
-  where Megatron's DDP starts its reduction), but by then every forward of the chunk has already
-  run inside the context, so nothing armed the reducer and that backward does not reduce either;
-* ``config.grad_sync_func`` (called by the schedule after a chunk's last backward) averages that
-  chunk's gradients over the data-parallel group itself: one flattened all-reduce per chunk and
-  dtype, then a division by ``dp``. That is exactly one all-reduce per chunk per step;
-* a communication hook on each DDP module records any reduction DDP starts on its own, and the
-  next grad sync raises if there was one, so a caller who breaks the recipe (a training forward
-  outside ``no_sync``) gets an error instead of gradients averaged twice or half-way.
+* no forward ever arms the reducer: each DDP module's ``require_backward_grad_sync`` (the flag
+  ``no_sync()`` clears) is cleared for good at construction. ``config.no_sync_func`` is still the
+  list of the chunks' ``ddp.no_sync``, so the schedule can enter and leave it where Megatron-core
+  does (where Megatron's DDP starts a reduction), and leaving it restores the cleared flag;
+* ``config.grad_sync_func`` (called where Megatron-core calls it, :mod:`pipeschedule.sync`)
+  averages a chunk's gradients over the data-parallel group itself: one flattened all-reduce per
+  chunk and dtype, then a division by ``dp``. Megatron-core does not call it everywhere (1F1B's
+  first pipeline rank leaves the reduction to its DDP hooks), so ``config.finalize_model_grads_func``
+  from :meth:`DataParallelChunks.config_hooks` finishes every chunk not averaged yet, as
+  Megatron's finalize finishes its DDP's reductions. That is exactly one all-reduce per chunk per step;
+* a communication hook on each DDP module records any reduction DDP starts on its own (someone
+  set the flag again), and the next grad sync raises if there was one, instead of gradients
+  averaged twice or half-way.
 
 DDP still does what it is good at: at construction it checks that the replicas' parameter shapes
 agree and broadcasts replica 0's parameters, so all replicas start identical.
@@ -60,8 +62,12 @@ class DataParallelChunks:
         self.all_reduces = 0
         self.ddp_reductions = 0
         self.modules: list[DistributedDataParallel] = []
+        self._averaged: set[int] = set()  # chunks whose gradients this step are already averaged
         for chunk in chunks:
             module = DistributedDataParallel(chunk, process_group=group, **ddp_kwargs)
+            # DDP arms its reducer in a forward run with this flag set; a pipeline chunk's forwards
+            # are many microbatches ahead of their backwards, so it must never be armed.
+            module.require_backward_grad_sync = False
             module.register_comm_hook(state=self, hook=_record_ddp_reduction)
             self.modules.append(module)
 
@@ -70,12 +76,37 @@ class DataParallelChunks:
         return [module.no_sync for module in self.modules]
 
     def grad_sync_funcs(self) -> list[Callable[[Iterable[nn.Parameter]], None]]:
-        """``config.grad_sync_func``: one per chunk, each averaging the given parameters' gradients."""
-        return [self.grad_sync for _ in self.modules]
+        """``config.grad_sync_func``: one per chunk, each averaging that chunk's gradients."""
+        return [lambda params, c=c: self._average_chunk(c, params) for c in range(len(self.modules))]
 
-    def config_hooks(self) -> dict[str, Any]:
-        """The :class:`~pipeschedule.PipelineConfig` fields this class fills: ``no_sync_func``, ``grad_sync_func``."""
-        return {"no_sync_func": self.no_sync_funcs(), "grad_sync_func": self.grad_sync_funcs()}
+    def finish_grad_sync(self, model_chunks: Any = None, *_: Any, **__: Any) -> None:
+        """Average every chunk whose gradients no ``grad_sync_func`` call averaged this step; call once per step.
+
+        Takes (and ignores) a finalize function's arguments, so it can be one.
+        """
+        for c, module in enumerate(self.modules):
+            if c not in self._averaged:
+                self.grad_sync(module.parameters())
+        self._averaged.clear()
+
+    def config_hooks(self, finalize_model_grads_func: Callable[..., None] | None = None) -> dict[str, Any]:
+        """The :class:`~pipeschedule.PipelineConfig` hooks: ``no_sync_func``, ``grad_sync_func`` and
+        ``finalize_model_grads_func``, which finishes the averaging (:meth:`finish_grad_sync`) and
+        then calls the given ``finalize_model_grads_func`` with the schedule's arguments."""
+
+        def finalize_model_grads(model_chunks: list, num_tokens: Any = None) -> None:
+            self.finish_grad_sync()
+            if finalize_model_grads_func is not None:
+                finalize_model_grads_func(model_chunks, num_tokens)
+
+        return {
+            "no_sync_func": self.no_sync_funcs(), "grad_sync_func": self.grad_sync_funcs(),
+            "finalize_model_grads_func": finalize_model_grads,
+        }
+
+    def _average_chunk(self, chunk: int, params: Iterable[nn.Parameter]) -> None:
+        self.grad_sync(params)
+        self._averaged.add(chunk)
 
     def grad_sync(self, params: Iterable[nn.Parameter]) -> None:
         """Average the gradients of ``params`` over the data-parallel group: one all-reduce per dtype.
@@ -85,9 +116,9 @@ class DataParallelChunks:
         """
         if self.ddp_reductions:
             raise RuntimeError(
-                f"DistributedDataParallel started {self.ddp_reductions} gradient reduction(s) by itself, so a "
-                f"forward pass ran outside no_sync(); run training forwards only through the schedule with "
-                f"config.no_sync_func=DataParallelChunks.no_sync_funcs(), or under torch.no_grad()"
+                f"DistributedDataParallel started {self.ddp_reductions} gradient reduction(s) by itself, so its "
+                f"require_backward_grad_sync flag was set again after DataParallelChunks cleared it; leave it "
+                f"cleared (DataParallelChunks averages the gradients through the schedule's hooks)"
             )
         grads: list[torch.Tensor] = []
         for param in params:

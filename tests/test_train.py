@@ -38,15 +38,18 @@ def _by_coords(results: dict) -> dict[tuple[int, int], dict]:
 def test_training_equals_one_process_in_float64(pool, p, v, dp):
     settings = small_settings(p=p, v=v, dp=dp)
     results = _by_coords(_ok(pool.run(train_job, settings, timeout=90)))
-    ref_losses, ref_params = reference_training(settings, steps=settings.steps)
+    ref = reference_training(settings, steps=settings.steps)
     runs = list(results.values())
-    # Every rank sees the same loss, every step was taken.
-    assert all(out["losses"] == runs[0]["losses"] and all(out["stepped"]) for out in runs)
+    # Every rank sees the same loss and grad norm, every step was taken.
+    assert all(out["losses"] == runs[0]["losses"] and out["grad_norms"] == runs[0]["grad_norms"] and all(out["stepped"]) for out in runs)
     loss_diff, param_diff = max_differences(
-        losses=runs[0]["losses"], ref_losses=ref_losses, rank_params=[out["params"] for out in runs], ref_params=ref_params
+        losses=runs[0]["losses"], ref_losses=ref.losses, rank_params=[out["params"] for out in runs], ref_params=ref.params
     )
     assert loss_diff <= 1e-10 and param_diff <= 1e-10, (loss_diff, param_diff)
-    assert ref_losses[-1] < ref_losses[0]  # it is training, not standing still
+    assert ref.losses[-1] < ref.losses[0]  # it is training, not standing still
+    # Clipping was active, on the global norm: over all stages, after the replica average, the tied weight once.
+    assert max(ref.grad_norms) > settings.clip_grad
+    assert all(abs(a - b) <= 1e-12 * b for a, b in zip(runs[0]["grad_norms"], ref.grad_norms, strict=True)), (runs[0]["grad_norms"], ref.grad_norms)
     for (pp_rank, dp_rank), out in results.items():
         # Replicas hold bit-identical parameters.
         assert all(torch.equal(value, results[(pp_rank, 0)]["params"][name]) for name, value in out["params"].items())
@@ -90,11 +93,15 @@ def test_ddp_all_reduces_once_per_chunk_per_step(pool, p, v, dp):
         assert out["counted"]["other"] == (steps if p > 1 and holds_tied else 0)
 
 
-def test_a_forward_outside_no_sync_is_refused(pool):
-    results = _ok(pool.run(ddp_misuse_job, small_settings(p=2, v=2, dp=2)))
-    for out in results.values():
+def test_a_forward_outside_the_schedule_cannot_arm_ddp(pool):
+    for out in _ok(pool.run(ddp_misuse_job, (small_settings(p=2, v=2, dp=2), False))).values():
+        assert out["ddp_reductions"] == 0 and out["raised"] is None
+
+
+def test_a_reducer_armed_against_the_recipe_is_refused(pool):
+    for out in _ok(pool.run(ddp_misuse_job, (small_settings(p=2, v=2, dp=2), True))).values():
         assert out["ddp_reductions"] > 0
-        assert out["raised"] is not None and "outside no_sync" in out["raised"]
+        assert out["raised"] is not None and "require_backward_grad_sync" in out["raised"]
 
 
 @pytest.mark.parametrize(("p", "v", "dp", "inject"), [(4, 2, 1, 2), (2, 1, 2, 3), (2, 2, 2, 0), (4, 2, 1, None)])
@@ -116,7 +123,9 @@ def test_check_run_of_the_script_passes():
         check=False, capture_output=True, text=True, timeout=180,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "check passed" in out.stdout and out.stdout.count("iteration") == 2
+    assert "check passed" in out.stdout and sum(line.startswith("iteration ") for line in out.stdout.splitlines()) == 2
+    assert "validation at iteration 2: lm loss" in out.stdout
+    assert "sample (greedy, 300 bytes after the prompt 'def '" in out.stdout
 
 
 @pytest.mark.parametrize(
