@@ -10,21 +10,31 @@ DDP over the data-parallel group, and give the schedule the hooks that make the 
 * ``grad_scale_func``: loss scaling, with every stage agreeing on overflow before the optimizer
   step (:mod:`pipeschedule.mixed`).
 
+After the schedule, a step unscales, clips on the global norm over all stages (tied weights counted
+once, :mod:`pipeschedule.clip`) and takes the optimizer step at the learning rate of
+:func:`learning_rate` (linear warmup, cosine decay). :meth:`RankTrainer.evaluate` runs the same
+schedule ``forward_only`` on the held-out split, :meth:`RankTrainer.sample` generates text through
+it, and :meth:`RankTrainer.checkpoint_state` / :meth:`RankTrainer.load` are what a checkpoint holds.
+
 :func:`reference_training` trains the same model on one process, microbatch by microbatch, for
 the equality check: its losses and parameters equal the pipeline's to rounding (float64: 1e-13).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from pipeschedule import PipelineConfig
+from pipeschedule.checkpoint import load_checkpoint
+from pipeschedule.clip import clip_grad_norm, global_grad_norm, tied_copies_counted_elsewhere
 from pipeschedule.data_parallel import DataParallelChunks
 from pipeschedule.layout import ParallelGroups
 from pipeschedule.loss_report import mean_loss_everywhere
@@ -33,6 +43,7 @@ from pipeschedule.models import (
     GPTChunk,
     GPTConfig,
     build_gpt_chunks,
+    generate,
     load_corpus,
     make_forward_step,
     microbatches,
@@ -44,6 +55,8 @@ from pipeschedule.schedules import (
     forward_backward_pipelining_without_interleaving,
 )
 from pipeschedule.tied import make_finalize_model_grads
+
+logger = logging.getLogger(__name__)
 
 LOSS_KEY = "lm_loss"
 
@@ -65,6 +78,9 @@ class TrainSettings:
     num_heads: int = 4
     ffn_hidden_size: int = 512
     lr: float = 1e-3
+    min_lr: float = 1e-4  # the cosine decay ends here, at iteration ``steps``
+    lr_warmup: int = 10  # iterations of linear warmup from lr / lr_warmup to lr
+    clip_grad: float = 1.0  # the global gradient norm is clipped to this (0: no clipping)
     weight_decay: float = 0.01
     seed: int = 1234
     dtype: torch.dtype = torch.float32
@@ -72,6 +88,7 @@ class TrainSettings:
     compare_steps: int = 3
     overlap_p2p_comm: bool = True  # receives posted early, sends never waited on mid-step (exact either way)
     deallocate_pipeline_outputs: bool = True  # a stage output's data goes once sent (exact either way)
+    eval_iters: int = 2  # forward-only passes of m microbatches per evaluation (0: no evaluation)
 
     @property
     def schedule(self) -> str:
@@ -89,6 +106,36 @@ class TrainSettings:
             num_layers=self.num_layers, num_heads=self.num_heads, ffn_hidden_size=self.ffn_hidden_size,
             dtype=self.dtype, seed=self.seed,
         )
+
+
+def learning_rate(settings: TrainSettings, iteration: int) -> float:
+    """The learning rate of iteration ``iteration`` (1-based): linear warmup, then cosine decay to ``min_lr``.
+
+    Iterations ``1 .. lr_warmup`` rise linearly to ``lr``; from there the rate follows half a cosine
+    down to ``min_lr`` at iteration ``steps``. A pure function of the iteration, so a resumed run
+    needs nothing but the iteration to continue the schedule.
+    """
+    s = settings
+    if iteration <= s.lr_warmup:
+        return s.lr * iteration / s.lr_warmup
+    decay = s.steps - s.lr_warmup
+    if decay <= 0:
+        return s.lr
+    progress = min((iteration - s.lr_warmup) / decay, 1.0)
+    return s.min_lr + 0.5 * (s.lr - s.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def layout_manifest(settings: TrainSettings) -> dict[str, Any]:
+    """What a checkpoint must match to be loaded: the parallel layout and the model's shape."""
+    s = settings
+    return {
+        "layout": {"p": s.p, "v": s.v, "dp": s.dp},
+        "model": {
+            "num_layers": s.num_layers, "hidden_size": s.hidden_size, "num_heads": s.num_heads,
+            "ffn_hidden_size": s.ffn_hidden_size, "seq_length": s.seq_length, "vocab_size": s.model_config().vocab_size,
+            "dtype": str(s.dtype).removeprefix("torch."),
+        },
+    }
 
 
 def layer_weights(config: GPTConfig) -> list[int]:
@@ -123,9 +170,35 @@ def _schedule_func(settings: TrainSettings) -> Callable[..., list[Any]]:
     return forward_backward_pipelining_without_interleaving
 
 
+@dataclass(frozen=True)
+class StepResult:
+    """What one iteration reports (the same on every rank)."""
+
+    loss: float
+    stepped: bool  # False when some stage found an inf or NaN and the step was skipped
+    grad_norm: float  # the global norm before clipping (nan on a skipped step)
+    lr: float
+    seconds: float
+
+
+def _fresh_adamw_state(param: nn.Parameter) -> dict[str, torch.Tensor]:
+    # What AdamW creates at its first step (torch's scalar dtype for ``step``): the template a
+    # checkpoint is loaded into before the optimizer has stepped.
+    step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    return {
+        "step": torch.zeros((), dtype=step_dtype),
+        "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+        "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+    }
+
+
 @dataclass
 class RankTrainer:
-    """One rank's model, hooks, optimizer and data; :meth:`step` runs one training iteration."""
+    """One rank's model, hooks, optimizer and data; :meth:`step` runs one training iteration.
+
+    ``iteration`` counts the iterations done (also those of a loaded checkpoint) and
+    ``consumed_microbatches`` the microbatches each data iterator has drawn: the data position.
+    """
 
     settings: TrainSettings
     groups: ParallelGroups
@@ -135,7 +208,10 @@ class RankTrainer:
     config: PipelineConfig
     optimizer: torch.optim.Optimizer
     scaler: DynamicLossScaler
-    data_iterators: list[Iterator[dict[str, torch.Tensor]] | None]
+    corpus: torch.Tensor
+    data_iterators: list[Iterator[dict[str, torch.Tensor]] | None] = field(default_factory=list)
+    iteration: int = 0
+    consumed_microbatches: int = 0
     step_seconds: list[float] = field(default_factory=list)
 
     @classmethod
@@ -146,30 +222,38 @@ class RankTrainer:
         data_parallel = DataParallelChunks(chunks=chunks, group=groups.data_parallel) if settings.dp > 1 else None
         modules: list[nn.Module] = list(data_parallel.modules) if data_parallel is not None else list(chunks)
         scaler = DynamicLossScaler(initial_scale=settings.loss_scale)
+        tied = make_finalize_model_grads(embedding_group=groups.embedding)
         config = PipelineConfig(
             hidden_size=settings.hidden_size,
             pipeline_dtype=settings.dtype,
-            finalize_model_grads_func=make_finalize_model_grads(embedding_group=groups.embedding),
             grad_scale_func=scaler.scale_loss,
             overlap_p2p_comm=settings.overlap_p2p_comm,
             deallocate_pipeline_outputs=settings.deallocate_pipeline_outputs,
-            **(data_parallel.config_hooks() if data_parallel is not None else {}),
+            **(data_parallel.config_hooks(tied) if data_parallel is not None else {"finalize_model_grads_func": tied}),
         )
+        optimizer = make_optimizer(settings, (q for chunk in chunks for q in chunk.parameters()))
+        trainer = cls(settings, groups, chunks, modules, data_parallel, config, optimizer, scaler, corpus)
+        trainer.data_iterators = trainer._iterators(split="train", start=0)
+        return trainer
+
+    def _iterators(self, *, split: str, start: int) -> list[Iterator[dict[str, torch.Tensor]] | None]:
         # Only the first stage (tokens) and the last stage (labels) read data, each from its own
         # iterator over this replica's microbatches.
-        last = p * v - 1
-        iterators = [
-            microbatches(corpus=corpus, seed=settings.seed, micro_batch_size=settings.micro_batch_size,
-                         seq_length=settings.seq_length, dp_rank=groups.dp_rank, dp_size=settings.dp)
-            if c * p + rank in (0, last) else None
-            for c in range(v)
+        s, p, rank = self.settings, self.settings.p, self.groups.pp_rank
+        return [
+            microbatches(corpus=self.corpus, seed=s.seed, micro_batch_size=s.micro_batch_size, seq_length=s.seq_length,
+                         dp_rank=self.groups.dp_rank, dp_size=s.dp, split=split, start=start)  # type: ignore[arg-type]
+            if c * p + rank in (0, p * s.v - 1) else None
+            for c in range(s.v)
         ]
-        optimizer = make_optimizer(settings, (q for chunk in chunks for q in chunk.parameters()))
-        return cls(settings, groups, chunks, modules, data_parallel, config, optimizer, scaler, iterators)
 
     @property
     def is_last_stage(self) -> bool:
         return self.groups.is_last_pipeline_rank
+
+    @property
+    def parameters(self) -> list[nn.Parameter]:
+        return [q for group in self.optimizer.param_groups for q in group["params"]]
 
     def forward_backward(self) -> list[dict[str, torch.Tensor]]:
         """Zero the gradients and run the schedule once (data-parallel and tied sync included)."""
@@ -181,20 +265,131 @@ class RankTrainer:
             config=self.config, group=self.groups.pipeline,
         )
 
-    def step(self) -> tuple[float, bool]:
-        """One iteration: schedule (with the hooks), unscale, agreed step or skip, loss on every rank.
+    def step(self) -> StepResult:
+        """One iteration: schedule (with the hooks), unscale, agreed overflow check, clip, step or skip.
 
-        Returns ``(loss, stepped)``; ``stepped`` is False when some stage found an inf or NaN.
+        The gradient norm is over every stage of this replica's pipeline, after the data-parallel
+        average (so equal on every replica) and with the tied weight counted once.
         """
+        s = self.settings
         start = time.perf_counter()
+        lr = learning_rate(s, self.iteration + 1)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         reduced = self.forward_backward()
-        stepped = self.scaler.step(self.optimizer, group=self.groups.pipeline)
+        params = self.parameters
+        found_inf = self.scaler.unscale_and_check(parameters=params, group=self.groups.pipeline)
+        grad_norm = math.nan
+        if found_inf:
+            logger.warning("inf or NaN in the gradients on some stage: step skipped, loss scale %g", self.scaler.scale)
+        else:
+            norm_args = {
+                "parameters": params, "group": self.groups.pipeline,
+                "skip": tied_copies_counted_elsewhere(self.chunks, is_first_pipeline_rank=self.groups.is_first_pipeline_rank),
+            }
+            grad_norm = clip_grad_norm(**norm_args, max_norm=s.clip_grad) if s.clip_grad > 0 else global_grad_norm(**norm_args)
+            self.optimizer.step()
+        self.scaler.update(found_inf=found_inf)
         loss = mean_loss_everywhere(
             reduced_dicts=reduced, key=LOSS_KEY, is_last_stage=self.is_last_stage,
             pipeline_group=self.groups.pipeline, data_parallel_group=self.groups.data_parallel,
         )
-        self.step_seconds.append(time.perf_counter() - start)
-        return loss, stepped
+        self.iteration += 1
+        self.consumed_microbatches += s.m
+        seconds = time.perf_counter() - start
+        self.step_seconds.append(seconds)
+        return StepResult(loss=loss, stepped=not found_inf, grad_norm=grad_norm, lr=lr, seconds=seconds)
+
+    def _forward_only_config(self) -> PipelineConfig:
+        s = self.settings
+        return PipelineConfig(
+            hidden_size=s.hidden_size, pipeline_dtype=s.dtype, overlap_p2p_comm=s.overlap_p2p_comm,
+            deallocate_pipeline_outputs=s.deallocate_pipeline_outputs,
+        )
+
+    def evaluate(self) -> float:
+        """Mean loss over ``eval_iters`` forward-only runs of the schedule on the held-out split.
+
+        Every evaluation reads the same held-out microbatches (from the start of the split), so
+        evaluations are comparable. No gradient is made (the schedule runs ``forward_only`` under
+        ``no_grad``, on the bare chunks without the data-parallel wrappers) and the training
+        iterators are not touched. A collective over the pipeline and data-parallel groups.
+        """
+        s = self.settings
+        iterators = self._iterators(split="valid", start=0)
+        reduced: list[dict[str, torch.Tensor]] = []
+        for chunk in self.chunks:
+            chunk.eval()
+        try:
+            for _ in range(s.eval_iters):
+                reduced += _schedule_func(s)(
+                    forward_step_func=make_forward_step(), data_iterator=iterators, model=list(self.chunks),
+                    num_microbatches=s.m, seq_length=s.seq_length, micro_batch_size=s.micro_batch_size,
+                    forward_only=True, config=self._forward_only_config(), group=self.groups.pipeline,
+                )
+        finally:
+            for chunk in self.chunks:
+                chunk.train()
+        return mean_loss_everywhere(
+            reduced_dicts=reduced, key=LOSS_KEY, is_last_stage=self.is_last_stage,
+            pipeline_group=self.groups.pipeline, data_parallel_group=self.groups.data_parallel,
+        )
+
+    def sample(self, *, prompt: bytes, length: int, temperature: float = 0.0) -> bytes | None:
+        """``prompt`` and ``length`` generated bytes, through replica 0's pipeline; ``None`` on other replicas.
+
+        A collective over replica 0's pipeline group; other replicas return at once.
+        """
+        if self.groups.dp_rank != 0:
+            return None
+        s = self.settings
+        return generate(
+            schedule=_schedule_func(s), chunks=list(self.chunks), prompt=prompt, length=length,
+            config=self._forward_only_config(), group=self.groups.pipeline,
+            num_microbatches=s.p if s.v > 1 else 1, temperature=temperature, seed=s.seed,
+        )
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def _named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        # Chunk parameter names carry global layer indices, so they are unique across stages; a
+        # data-parallel replica holds the same names with equal values (saved once).
+        return [(name, param) for chunk in self.chunks for name, param in chunk.named_parameters()]
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """This rank's part of a checkpoint: a state dict for ``torch.distributed.checkpoint``.
+
+        Model chunks and AdamW state by parameter name, the loss scaler, the data position and
+        iteration (the learning rate follows from it), and this rank's RNG state under a key of
+        its own. Tensors share storage with the live ones, so loading into it loads in place.
+        """
+        named = self._named_parameters()
+        optimizer = {name: self.optimizer.state[param] or _fresh_adamw_state(param) for name, param in named}
+        return {
+            "model": {name: param.detach() for name, param in named},
+            "optimizer": optimizer,
+            "scaler": {"scale": self.scaler.scale, "clean_steps": self.scaler.clean_steps, "skipped_steps": self.scaler.skipped_steps},
+            "progress": {"iteration": self.iteration, "consumed_microbatches": self.consumed_microbatches},
+            f"rng_state_rank{self.groups.rank}": torch.get_rng_state(),
+        }
+
+    def load(self, path: str) -> None:
+        """Load checkpoint ``path`` (a collective over the world): everything :meth:`checkpoint_state` holds."""
+        state = self.checkpoint_state()
+        load_checkpoint(path=path, state_dict=state)
+        named = self._named_parameters()
+        index = {id(q): i for i, q in enumerate(self.parameters)}
+        self.optimizer.load_state_dict({
+            "state": {index[id(param)]: state["optimizer"][name] for name, param in named},
+            "param_groups": self.optimizer.state_dict()["param_groups"],
+        })
+        self.scaler.scale = float(state["scaler"]["scale"])
+        self.scaler.clean_steps = int(state["scaler"]["clean_steps"])
+        self.scaler.skipped_steps = int(state["scaler"]["skipped_steps"])
+        torch.set_rng_state(state[f"rng_state_rank{self.groups.rank}"])
+        self.iteration = int(state["progress"]["iteration"])
+        self.consumed_microbatches = int(state["progress"]["consumed_microbatches"])
+        self.data_iterators = self._iterators(split="train", start=self.consumed_microbatches)
 
     def named_parameters(self) -> dict[str, torch.Tensor]:
         """This rank's parameters by whole-model name (the tied head copy is named after the embedding)."""
@@ -244,14 +439,30 @@ class OneProcessModel:
         return {name: param.detach().clone() for name, param in self.model.named_parameters()}
 
 
-def reference_training(settings: TrainSettings, *, steps: int, corpus: torch.Tensor | None = None) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """The same training on one process (:class:`OneProcessModel`): per-step losses and final parameters by name."""
+class ReferenceRun(NamedTuple):
+    """One process's training: per-step losses and gradient norms (before clipping), final parameters."""
+
+    losses: list[float]
+    grad_norms: list[float]
+    params: dict[str, torch.Tensor]
+
+
+def reference_training(settings: TrainSettings, *, steps: int, corpus: torch.Tensor | None = None) -> ReferenceRun:
+    """The same training on one process (:class:`OneProcessModel`), clipped by ``torch.nn.utils.clip_grad_norm_``."""
     reference = OneProcessModel(settings, corpus=corpus)
-    losses = []
-    for _ in range(steps):
+    params = list(reference.model.parameters())
+    losses, norms = [], []
+    for iteration in range(1, steps + 1):
+        for group in reference.optimizer.param_groups:
+            group["lr"] = learning_rate(settings, iteration)
         losses.append(reference.forward_backward())
+        if settings.clip_grad > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, settings.clip_grad, foreach=False)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(q.grad) for q in params]))
+        norms.append(float(norm))
         reference.optimizer.step()
-    return losses, reference.named_parameters()
+    return ReferenceRun(losses, norms, reference.named_parameters())
 
 
 def max_differences(

@@ -1,6 +1,7 @@
 """Models and data built for pipeline parallelism: a chunked GPT and a byte-level corpus."""
 
 from pipeschedule.models.chardata import BYTE_VOCAB_SIZE, load_corpus, microbatches, window_order
+from pipeschedule.models.generate import generate
 from pipeschedule.models.gpt import GPTChunk, GPTConfig, build_gpt_chunks, make_forward_step
 
 __all__ = [
@@ -8,6 +9,7 @@ __all__ = [
     "GPTChunk",
     "GPTConfig",
     "build_gpt_chunks",
+    "generate",
     "load_corpus",
     "make_forward_step",
     "microbatches",

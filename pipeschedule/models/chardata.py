@@ -73,17 +73,20 @@ def _check_positive(**values: int) -> None:
 
 
 def window_order(
-    *, num_windows: int, seed: int, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1
+    *, num_windows: int, seed: int, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, start: int = 0
 ) -> Iterator[list[int]]:
     """Endless window indices, one list of ``micro_batch_size`` per microbatch of replica ``dp_rank``.
 
     Each epoch covers ``num_windows // (dp_size * micro_batch_size)`` microbatches per replica; the
     lists of different replicas within one epoch are disjoint, and the sequence depends only on
-    the arguments.
+    the arguments. ``start`` skips that many microbatches (a resumed run's data position): the
+    result equals the sequence from 0 with its first ``start`` items dropped, at no cost per item.
     """
     _check_positive(num_windows=num_windows, micro_batch_size=micro_batch_size, dp_size=dp_size)
     if not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank={dp_rank!r} is outside 0..{dp_size - 1} (dp_size={dp_size})")
+    if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+        raise ValueError(f"start must be an integer >= 0 (microbatches already drawn), got {start!r}")
     per_step = dp_size * micro_batch_size
     steps = num_windows // per_step
     if steps == 0:
@@ -92,14 +95,14 @@ def window_order(
             f"{dp_size} * {micro_batch_size}; use a larger corpus, a shorter seq_length or fewer "
             f"replicas or samples"
         )
-    epoch = 0
+    epoch, skip = divmod(start, steps)
     while True:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         order = torch.randperm(num_windows, generator=gen).tolist()
-        for step in range(steps):
+        for step in range(skip, steps):
             first = step * per_step + dp_rank * micro_batch_size
             yield order[first : first + micro_batch_size]
-        epoch += 1
+        epoch, skip = epoch + 1, 0
 
 
 def microbatches(
@@ -111,12 +114,14 @@ def microbatches(
     dp_rank: int = 0,
     dp_size: int = 1,
     split: Literal["train", "valid"] = "train",
+    start: int = 0,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless microbatches ``{'tokens': [b, s], 'labels': [b, s]}`` (int64) from ``corpus``.
 
     ``labels[i, j] == tokens[i, j + 1]`` inside a row, and the last label is the byte after the
     window. ``split='train'`` uses the first 95 % of the corpus, ``'valid'`` the rest; the two never
-    share a byte. The sequence depends only on the arguments (see :func:`window_order`).
+    share a byte. The sequence depends only on the arguments (see :func:`window_order`); ``start``
+    skips that many microbatches, so a resumed run continues where the saved one stopped.
     """
     _check_positive(seq_length=seq_length)
     if corpus.dim() != 1:
@@ -139,6 +144,7 @@ def microbatches(
         micro_batch_size=micro_batch_size,
         dp_rank=dp_rank,
         dp_size=dp_size,
+        start=start,
     )
     for indices in order:
         rows = stream[torch.tensor(indices).unsqueeze(1) * seq_length + offsets]  # [b, s + 1]
