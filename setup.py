@@ -10,7 +10,9 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.5"],  # the pictures are tested too
+        # The pictures are tested too. megatron-core (the oracle of tests/test_megatron.py) is
+        # installed apart, with --no-deps, so it cannot pull in another torch: see the README.
+        "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.5", "packaging"],
         "plot": ["matplotlib>=3.5"],
     },
     license="BSD-3-Clause",
