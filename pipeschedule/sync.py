@@ -67,10 +67,11 @@ class GradSync:
         backwards = [a for a in actions if a.kind == "B"]
         if not backwards:  # forward only: no gradient, nothing to reduce or gather
             return
+        # Entered before the first forward (torch's DDP decides in the forward whether to reduce),
+        # and before the first parameter gathers, as Megatron-core does.
+        self._at(self._before, forwards[0], _DISABLE)
         if self._param_sync is not None:
             self._plan_param_sync(forwards, rank, v)
-        # Entered before the first forward: torch's DDP decides in the forward whether to reduce.
-        self._at(self._before, forwards[0], _DISABLE)
         if mode == "none":
             self._at(self._before, forwards[-1], _ENABLE)
         elif mode == "1f1b":

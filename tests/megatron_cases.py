@@ -358,3 +358,50 @@ def reference_job(case: MegatronCase, rank: int, groups: dict) -> dict[str, Any]
                     if name in data_parallel:
                         param.add_(data_parallel[name], alpha=-0.05)
     return {"steps": steps}
+
+
+def hook_order_job(arg: tuple[MegatronCase, str, bool], rank: int, groups: dict) -> list[tuple] | None:
+    """The order of forwards, backwards and hook calls on this rank in one step, through ``which``
+    schedule; ``with_grad_sync`` adds a grad_sync_func. Every hook is a recorder."""
+    case, which, with_grad_sync = arg
+    import megatron.core.pipeline_parallel.schedules as megatron_schedules
+
+    import pipeschedule
+
+    with cpu_for_cuda(torch.float64):
+        ps = _parallel_state(case.p, case.v)
+        chunks = _build_chunks(case, ps, _whole_model(case))
+        log: list[tuple] = []
+        for c, chunk in enumerate(chunks):
+            chunk.register_forward_pre_hook(lambda module, args, c=c: log.append(("F", c)))
+            next(chunk.parameters()).register_hook(lambda grad, c=c: log.append(("B", c)))
+
+        def no_sync(c):
+            @contextlib.contextmanager
+            def context():
+                log.append(("no_sync", c))
+                yield
+                log.append(("sync", c))
+
+            return context
+
+        def by_chunk(name):
+            def hook(params):
+                first = next(iter(params))
+                log.append((name, next(c for c, chunk in enumerate(chunks) if next(chunk.parameters()) is first)))
+
+            return hook
+
+        config = chunks[0].config
+        config.no_sync_func = [no_sync(c) for c in range(case.v)] if case.v > 1 else no_sync(0)
+        config.grad_sync_func = by_chunk("grad_sync") if with_grad_sync else None
+        config.param_sync_func = by_chunk("param_sync")
+        config.finalize_model_grads_func = lambda *args, **kwargs: log.append(("finalize",))
+        get = megatron_schedules.get_forward_backward_func if which == "megatron" else pipeschedule.get_forward_backward_func
+        data = [iter(microbatches(case, ps.get_data_parallel_rank(), 0)) for _ in chunks]
+        get()(
+            forward_step_func=_forward_step(case), data_iterator=data if len(chunks) > 1 else data[0], model=chunks,
+            num_microbatches=M, seq_length=SEQ, micro_batch_size=BATCH, decoder_seq_length=None, forward_only=False,
+            adjust_tensor_shapes_fn=None, force_all_reduce=False,
+        )
+        return log

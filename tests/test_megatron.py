@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_cases import MegatronCase, pipeline_job, reference_job
+from megatron_cases import MegatronCase, hook_order_job, pipeline_job, reference_job
 from pool import JobError, WorkerPool
 
 TOLERANCE = 1e-12  # float64: the pipeline and the whole model sum the same terms in another order
@@ -113,3 +113,16 @@ def test_float16_module_bf16_equals_megatron_core_bit_for_bit(megatron_pool, v):
     for rank, mine in ours.items():
         assert _identical(mine, theirs[rank])
         assert any(step["grads"] for step in mine["steps"])
+
+
+@pytest.mark.parametrize(("p", "v"), [(4, 1), (4, 2), (2, 2)])
+@pytest.mark.parametrize("with_grad_sync", [False, True], ids=["no-grad-sync", "grad-sync"])
+def test_hooks_run_where_megatron_core_runs_them(megatron_pool, p, v, with_grad_sync):
+    # no_sync entered and left, grad_sync_func and param_sync_func called, finalize: the same
+    # sequence, interleaved with the same forwards and backwards, on every rank.
+    case = C(p=p, v=v, loss="mean")
+    ours = _ok(megatron_pool.run(hook_order_job, (case, "ours", with_grad_sync), timeout=180))
+    theirs = _ok(megatron_pool.run(hook_order_job, (case, "megatron", with_grad_sync), timeout=180))
+    for rank, log in ours.items():
+        assert log == theirs[rank]
+        assert ("finalize",) in log and any(kind == "no_sync" for kind, *_ in log)
