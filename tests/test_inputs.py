@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pipeschedule as ps
-from cases import BATCH, HIDDEN, SEQ, Batches, Case, Stage, forward_step, run_case
+from cases import BATCH, HIDDEN, SEQ, Batches, Case, Stage, forward_step, microbatches, run_case
 from pool import JobError
 
 
@@ -165,3 +165,99 @@ def test_variable_seq_lengths_needs_no_fixed_shape(pool):
 
     case = Case("1f1b", p=2, v=1, m=3, group="0-1", seq_lens=(3, 3, 3))
     check_against_reference(case, pool.run(run_case, case))
+
+
+def _megatron_call(**extra):
+    return one_f_one_b(forward_step_func=forward_step, data_iterator=Batches(CASE), model=[Stage(0, 1, 0)],
+                       num_microbatches=4, seq_length=SEQ, micro_batch_size=BATCH, decoder_seq_length=None,
+                       forward_only=False, config=ps.PipelineConfig(hidden_size=HIDDEN, pipeline_dtype=torch.float64),
+                       **extra)
+
+
+def test_every_keyword_of_megatron_core_is_accepted():
+    import inspect
+
+    ours = set(inspect.signature(ps.forward_backward_pipelining_without_interleaving).parameters)
+    megatron_0_16_1 = {
+        "forward_step_func", "data_iterator", "model", "num_microbatches", "seq_length", "micro_batch_size",
+        "decoder_seq_length", "forward_only", "collect_non_loss_data", "first_val_step", "adjust_tensor_shapes_fn",
+        "p2p_communicator", "pg_collection", "force_all_reduce",
+    }
+    for func in (ps.forward_backward_no_pipelining, ps.forward_backward_pipelining_with_interleaving):
+        assert set(inspect.signature(func).parameters) == ours
+    assert megatron_0_16_1 <= ours
+    assert {"pp_size", "vp_size"} <= set(inspect.signature(ps.get_forward_backward_func).parameters)
+    # Megatron-LM's train_step keywords, with the Nones it passes.
+    assert len(_megatron_call(adjust_tensor_shapes_fn=None, force_all_reduce=False, p2p_communicator=None,
+                              pg_collection=None)) == 4
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        ({"adjust_tensor_shapes_fn": lambda recv, send: (recv, send)}, "adjust_tensor_shapes_fn is not supported"),
+        ({"p2p_communicator": object()}, "p2p_communicator (object) is not supported"),
+    ],
+)
+def test_what_cannot_be_honoured_is_refused_by_name(extra, words):
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        _megatron_call(**extra)
+
+
+def test_finalize_gets_megatron_keywords_it_accepts_and_the_token_count_per_token():
+    seen = []
+
+    class Collection:
+        pp = None  # a pg_collection without a pipeline group: the default one
+
+    def narrow(model, num_tokens):
+        seen.append(("narrow", num_tokens))
+
+    def wide(model, num_tokens, pg_collection=None, force_all_reduce=False):
+        seen.append(("wide", num_tokens, pg_collection, force_all_reduce))
+
+    collection = Collection()
+    for finalize in (narrow, wide):
+        for per_token in (False, True):
+            config = ps.PipelineConfig(hidden_size=HIDDEN, pipeline_dtype=torch.float64, finalize_model_grads_func=finalize,
+                                       calculate_per_token_loss=per_token)
+            case = Case("1f1b", p=1, v=1, m=3, loss_arity=3)
+            one_f_one_b(forward_step_func=forward_step, data_iterator=Batches(case), model=Stage(0, 1, 0), num_microbatches=3,
+                        config=config, pg_collection=collection, force_all_reduce=True)
+    tokens = float(sum(b["mask"].sum() for b in microbatches(Case("1f1b", p=1, v=1, m=3, loss_arity=3))))
+    assert seen[0] == ("narrow", None) and seen[1][0] == "narrow" and float(seen[1][1]) == tokens
+    assert seen[2] == ("wide", None, collection, True)
+    assert seen[3][0] == "wide" and float(seen[3][1]) == tokens and seen[3][2:] == (collection, True)
+
+
+def test_get_forward_backward_func_takes_megatron_sizes():
+    assert ps.get_forward_backward_func(pp_size=1) is ps.forward_backward_no_pipelining
+    assert ps.get_forward_backward_func(1, None) is ps.forward_backward_no_pipelining
+    with pytest.raises(ValueError, match="pp_size=2 but the pipeline process group has 1 ranks"):
+        ps.get_forward_backward_func(pp_size=2, vp_size=2)
+    with pytest.raises(ValueError, match="vp_size=2 and virtual_pipeline_model_parallel_size=3 disagree"):
+        ps.get_forward_backward_func(vp_size=2, virtual_pipeline_model_parallel_size=3)
+    with pytest.raises(ValueError, match="positional order is Megatron-core's"):
+        ps.get_forward_backward_func(2, object())
+
+
+def test_two_item_loss_is_divided_in_place_as_megatron_does():
+    # The megatron-core quickstart's dict holds the loss tensor itself: it reports loss / m.
+    def step(data_iterator, model):
+        output, _ = forward_step(data_iterator, model)
+
+        def loss_func(out):
+            loss = out.square().mean()
+            return loss, {"loss": loss}
+
+        return output, loss_func
+
+    out = one_f_one_b(forward_step_func=step, data_iterator=Batches(CASE), model=Stage(0, 1, 0), num_microbatches=4,
+                      config=ps.PipelineConfig(hidden_size=HIDDEN, pipeline_dtype=torch.float64))
+    batches = list(microbatches(CASE))
+    stage = Stage(0, 1, 0)
+    want = []
+    for batch in batches:
+        stage.set_input_tensor(None)
+        want.append(float(stage(batch["x"]).square().mean()) / 4)
+    assert [float(d["loss"]) for d in out] == want
