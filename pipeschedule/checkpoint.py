@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
 __all__ = ["CheckpointError", "checkpoint_name", "find_latest", "load_checkpoint", "save_checkpoint"]
 
@@ -94,6 +93,8 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)  # from a save that was killed
         partial.mkdir()
     _barrier(group)
+    import torch.distributed.checkpoint as dcp  # here: importing it takes seconds, and find_latest needs none of it
+
     dcp.save(state_dict, checkpoint_id=partial, process_group=group, no_dist=not dist.is_initialized())
     if _is_coordinator(group):
         _write_file_atomically(partial / MANIFEST, json.dumps({**manifest, "iteration": iteration}, indent=1))
@@ -151,4 +152,6 @@ def load_checkpoint(*, path: str | os.PathLike[str], state_dict: dict[str, Any],
     A collective over ``group``: every rank passes the state dict of what it holds, with the keys
     and shapes it was saved with.
     """
+    import torch.distributed.checkpoint as dcp
+
     dcp.load(state_dict, checkpoint_id=Path(path), process_group=group, no_dist=not dist.is_initialized())

@@ -77,8 +77,8 @@ class RunOptions:
     plot: str | None = None
     trace: str | None = None
     prompt: str = "def "
-    sample_length: int = 300
-    temperature: float = 0.0
+    sample_length: int = 200
+    temperature: float = 0.8
 
 
 def _check_writable_dir(ap: argparse.ArgumentParser, flag: str, path: str) -> None:
@@ -398,7 +398,7 @@ def run_rank(settings: TrainSettings, options: RunOptions) -> int:
     first = run.start + 1
     last = s.compare_steps
     if last < first:
-        if s.compare_steps > 0:
+        if 0 < s.compare_steps < first <= s.steps:
             _print0(rank, f"no one-process replay: iterations 1..{s.compare_steps} ran before the checkpoint (use --check to replay the whole run)")
         return 0
     gathered: list = [None] * dist.get_world_size() if rank == 0 else []

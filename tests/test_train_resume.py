@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -30,7 +31,8 @@ def _ok(results: dict) -> list[dict]:
     return list(results.values())
 
 
-@pytest.mark.parametrize(("p", "v", "dp"), [(4, 1, 1), (2, 1, 2), (4, 2, 1)], ids=lambda x: str(x))
+# The main job's layout (interleaved, v = 2), and pipeline x data parallelism (p = 2, dp = 2).
+@pytest.mark.parametrize(("p", "v", "dp"), [(4, 2, 1), (2, 1, 2)], ids=lambda x: str(x))
 def test_resume_from_a_checkpoint_is_bit_for_bit(pool, tmp_path, p, v, dp):
     settings = small_settings(p=p, v=v, dp=dp, steps=6)
     for out in _ok(pool.run(resume_job, (settings, str(tmp_path)), timeout=90)):
@@ -79,6 +81,7 @@ def test_evaluation_leaves_no_gradients_and_no_data_position_and_sampling_matche
     assert samples[(0, 1)] is None and samples[(1, 1)] is None  # replica 0 samples, the others wait
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_a_save_never_leaves_a_half_written_checkpoint_behind_latest(tmp_path):
     state = {"model": {"w": torch.arange(4.0)}, "step": 7}
     save_checkpoint(directory=tmp_path, iteration=1, state_dict=state, manifest={"layout": {}})
@@ -147,7 +150,8 @@ def test_a_job_killed_while_saving_resumes_from_the_previous_checkpoint_and_matc
     assert (ckpt / "iter_0000002.partial").is_dir() and (ckpt / "latest").read_text().strip() == "iter_0000001"
 
     # A new job (new processes, a new process group) resumes from iteration 1 and trains to the total of 4.
-    codes, output = _run_ranks([*args, "--load", str(ckpt)])
+    pictures = [f"--plot={tmp_path / 'loss.png'}", f"--trace={tmp_path / 'step.json'}"]
+    codes, output = _run_ranks([*args, "--load", str(ckpt), *pictures])
     assert codes == [0, 0], output
     lines = [line for line in output.splitlines() if line.startswith("iteration ")]
     assert [line.split("|")[0].split()[1] for line in lines] == ["2/", "3/", "4/"], output
@@ -155,6 +159,12 @@ def test_a_job_killed_while_saving_resumes_from_the_previous_checkpoint_and_matc
     # The one-process replay of all 4 steps equals the killed run followed by the resumed one.
     assert "same training on one process, steps 2..4" in output and "check passed" in output
     assert not list(ckpt.glob("*.partial")) and (ckpt / "latest").read_text().strip() == "iter_0000004"
+    # The pictures: loss curves, and the last step as a Chrome trace (both ranks' actions) and a timeline.
+    for png in ("loss.png", "step.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    events = json.loads((tmp_path / "step.json").read_text())["traceEvents"]
+    assert {e["tid"] for e in events if e.get("cat") == "forward"} == {0, 1}
+    assert sum(e.get("cat") == "backward" for e in events) == 2 * 2  # m = 2 backwards on each of the 2 ranks
 
 
 def _refused(capsys, argv: list[str]) -> str:
@@ -166,6 +176,7 @@ def _refused(capsys, argv: list[str]) -> str:
     return capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_a_checkpoint_of_another_layout_is_refused_with_what_it_holds(tmp_path, capsys):
     settings = small_settings(p=4, v=2, dp=1)
     from trainer import layout_manifest
