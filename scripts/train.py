@@ -272,7 +272,7 @@ class _Run:
         self.start = 0
         self.snapshot: dict[str, torch.Tensor] = {}
 
-    def _load(self) -> None:
+    def load(self) -> None:
         assert self.o.load is not None
         path, manifest = find_latest(self.o.load)
         self.trainer.load(str(path))
@@ -391,7 +391,7 @@ def run_rank(settings: TrainSettings, options: RunOptions) -> int:
     _print0(rank, f"optimizer: AdamW, lr {s.lr:g} (warmup {s.lr_warmup}, cosine to {s.min_lr:g} at {s.steps}), "
                   f"clip grad norm {s.clip_grad:g}" + (" (off)" if s.clip_grad == 0 else ""))
     if options.load is not None:
-        run._load()
+        run.load()
     run.snapshot = run.trainer.named_parameters()
     losses = run.train()
     run.finish()

@@ -1,4 +1,5 @@
-"""The training helpers on one process: rank layout, loss scaler, loss report, tied weights on one rank."""
+"""The training helpers on one process: rank layout, loss scaler, loss report, tied weights on one rank,
+data position, learning rate, clipping."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import math
 import pytest
 import torch
 import train_cases
-from trainer import OneProcessModel, layer_weights
+from trainer import OneProcessModel, TrainSettings, layer_weights, learning_rate
 
 from pipeschedule import PipelineConfig, forward_backward_pipelining_with_interleaving
+from pipeschedule.clip import clip_grad_norm, global_grad_norm, tied_copies_counted_elsewhere
 from pipeschedule.layout import RankLayout
 from pipeschedule.loss_report import mean_loss_everywhere
 from pipeschedule.mixed import DynamicLossScaler, agree_found_inf, local_found_inf
@@ -18,6 +20,7 @@ from pipeschedule.models import (
     load_corpus,
     make_forward_step,
     microbatches,
+    window_order,
 )
 from pipeschedule.tied import (
     make_finalize_model_grads,
@@ -141,3 +144,61 @@ def test_tied_sum_refuses_a_group_member_without_a_tied_weight():
                              layer_ranges=[range(3), range(3, 5), range(5, 8)])
     with pytest.raises(ValueError, match="embedding group"):
         sum_tied_embedding_grads(model_chunks=chunk, group=object())
+
+
+@pytest.mark.parametrize("start", [0, 1, 11, 12, 13, 40])
+def test_a_data_position_continues_the_sequence_exactly(start):
+    import itertools
+
+    def order(first: int, count: int) -> list[list[int]]:
+        # 50 windows, 2 replicas of 2 samples: 12 microbatches per epoch per replica.
+        return list(itertools.islice(window_order(num_windows=50, seed=3, micro_batch_size=2, dp_rank=1, dp_size=2, start=first), count))
+
+    assert order(start, 30) == order(0, start + 30)[start:]
+    with pytest.raises(ValueError, match="start must be an integer >= 0"):
+        order(-1, 1)
+
+
+def test_learning_rate_warms_up_then_decays_to_min_lr_at_the_last_iteration():
+    settings = TrainSettings(steps=100, lr=1e-3, min_lr=1e-4, lr_warmup=10)
+    rates = [learning_rate(settings, it) for it in range(1, 101)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == 1e-3
+    assert all(a < b for a, b in zip(rates[:10], rates[1:10]))
+    assert all(a > b for a, b in zip(rates[9:], rates[10:]))
+    assert rates[-1] == pytest.approx(1e-4, rel=1e-12)
+    assert learning_rate(TrainSettings(steps=5, lr_warmup=0), 3) < TrainSettings().lr  # no warmup: decay from the start
+
+
+def test_clipping_on_one_process_equals_torch_and_counts_a_skipped_copy_once():
+    def params(seed: int) -> list[torch.nn.Parameter]:
+        gen = torch.Generator().manual_seed(seed)
+        out = [torch.nn.Parameter(torch.randn(5, 3, dtype=torch.float64, generator=gen)) for _ in range(3)]
+        for q in out:
+            q.grad = torch.randn(q.shape, dtype=torch.float64, generator=gen) * 4
+        return out
+
+    ours, theirs = params(0), params(0)
+    norm = clip_grad_norm(parameters=ours, max_norm=1.0)
+    want = float(torch.nn.utils.clip_grad_norm_(theirs, 1.0, foreach=False))
+    assert abs(norm - want) <= 1e-14 * want and norm > 1.0
+    assert all((a.grad - b.grad).abs().max() <= 1e-15 for a, b in zip(ours, theirs))
+    # A copy whose gradient is counted elsewhere is left out of the norm but clipped like the rest.
+    copy = params(0)
+    copy.append(torch.nn.Parameter(copy[0].detach().clone()))
+    copy[-1].grad = copy[0].grad.clone()
+    assert global_grad_norm(parameters=copy, skip=[copy[-1]]) == global_grad_norm(parameters=params(0))
+    clip_grad_norm(parameters=copy, max_norm=1.0, skip=[copy[-1]])
+    assert torch.equal(copy[-1].grad, copy[0].grad)
+    assert clip_grad_norm(parameters=params(1), max_norm=1e6) == global_grad_norm(parameters=params(1))  # no clip below the limit
+    with pytest.raises(ValueError, match="max_norm must be a finite number > 0"):
+        clip_grad_norm(parameters=params(0), max_norm=0.0)
+
+
+def test_the_tied_copy_counts_on_the_first_stage_only():
+    settings = train_cases.small_settings(p=1, v=2, dp=1)
+    chunks = build_gpt_chunks(settings.model_config(), p=1, v=2, rank=0, layer_ranges=[range(4), range(4, 8)])
+    assert tied_copies_counted_elsewhere(chunks, is_first_pipeline_rank=True) == [chunks[1].head_weight]
+    last = build_gpt_chunks(settings.model_config(), p=2, v=1, rank=1, layer_ranges=[range(4), range(4, 8)])
+    assert tied_copies_counted_elsewhere(last, is_first_pipeline_rank=False) == [last[0].head_weight]
+    whole = build_gpt_chunks(settings.model_config(), p=1, v=1, rank=0, layer_ranges=[range(8)])
+    assert tied_copies_counted_elsewhere(whole, is_first_pipeline_rank=True) == []
