@@ -11,7 +11,7 @@ proves a plan deadlock-free without starting a process.
 """
 
 from pipeschedule.config import PipelineConfig, ScheduleEvent
-from pipeschedule.errors import PeerFailedError, PipelineError, ShapeMismatchError
+from pipeschedule.errors import ArgumentMismatchError, PeerFailedError, PipelineError, ShapeMismatchError
 from pipeschedule.plan import Action, build_pipeline, build_plan, phase_counts
 from pipeschedule.schedules import (
     forward_backward_no_pipelining,
@@ -22,6 +22,7 @@ from pipeschedule.schedules import (
 
 __all__ = [
     "Action",
+    "ArgumentMismatchError",
     "PeerFailedError",
     "PipelineConfig",
     "PipelineError",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CorruptHeaderError", "PeerFailedError", "PipelineError", "ShapeMismatchError"]
+__all__ = ["ArgumentMismatchError", "CorruptHeaderError", "PeerFailedError", "PipelineError", "ShapeMismatchError"]
 
 RESTART = "the pipeline group is no longer usable; restart the job"
 
@@ -35,3 +35,16 @@ class ShapeMismatchError(PipelineError, ValueError):
 
 class CorruptHeaderError(PipelineError, ValueError):
     """A message header that fails its bounds checks; nothing was allocated for it."""
+
+
+class ArgumentMismatchError(PipelineError, ValueError):
+    """Two neighbouring ranks were called with different arguments (plan, shape, dtype or header mode).
+
+    ``record`` is the abort record this rank sends its other neighbours; ``mismatched_peers`` are
+    the group ranks it disagrees with, which are told and asked nothing more.
+    """
+
+    def __init__(self, message: str, *, record: Any = None, mismatched_peers: frozenset[int] = frozenset()) -> None:
+        super().__init__(message)
+        self.record = record
+        self.mismatched_peers = mismatched_peers

@@ -25,12 +25,17 @@ import torch
 __all__ = ["held_bytes", "release_output"]
 
 
-def release_output(output: torch.Tensor) -> bool:
+def release_output(output: torch.Tensor, *, keep: torch.Tensor | None = None) -> bool:
     """Replace ``output``'s data by one element; ``True`` if it was released.
 
-    A view is left alone: its base holds the memory anyway. So is an output that is already one element.
+    A view is left alone: its base holds the memory anyway. So is an output that is already one
+    element, and one that shares its storage with ``keep`` (the stage's input): a stage that returns
+    the tensor it received (no layers, an identity block) would otherwise lose its input, which
+    backward still needs.
     """
     if output._base is not None or output.numel() <= 1:
+        return False
+    if keep is not None and output.untyped_storage().data_ptr() == keep.untyped_storage().data_ptr():
         return False
     output.data = torch.empty((1,), dtype=output.dtype, device=output.device)
     return True

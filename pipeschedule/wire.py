@@ -16,13 +16,22 @@ Layout (index: meaning)::
     header: 0 DATA_MAGIC, 1 ndim, 2..9 dims (zero-padded), 10 dtype code, 11 plan fingerprint
     abort:  0 ABORT_MAGIC, 1 reason, 2 failed group rank, 3 failed global rank, 4 action kind
             (0 none, 1 F, 2 B), 5 microbatch, 6 chunk, 7 reporting group rank, 8 ndim,
-            9..16 dims, 17 dtype code
+            9..16 dims, 17 dtype code; for reason PLAN instead: 8 the disagreeing group rank,
+            9 its global rank, 10..18 up to three (field, value on the failed rank, value there)
+    call:   0 CALL_MAGIC, 1 p, 2 v, 3 m, 4 G, 5 forward_only, 6 header mode (0 none,
+            1 check_p2p_shapes, 2 variable_seq_lengths), 7 dtype code, 8 ndim (0: shapes vary),
+            9..16 dims
+
+A *call record* is the first message on each channel of every step (:mod:`pipeschedule.handshake`):
+the arguments the sending rank was called with, so two ranks called differently find out before
+any activation is sent.
 """
 
 from __future__ import annotations
 
 import ctypes
 import sys
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -31,14 +40,18 @@ from pipeschedule.errors import CorruptHeaderError
 
 __all__ = [
     "ABORT_MAGIC",
+    "CALL_MAGIC",
     "DATA_MAGIC",
     "MAX_NDIM",
     "RECORD_LEN",
     "AbortRecord",
     "Reason",
+    "call_differences",
     "decode",
+    "describe_call",
     "dtype_code",
     "encode_abort",
+    "encode_call",
     "encode_header",
     "plan_fingerprint",
     "read_abort_marker",
@@ -50,6 +63,7 @@ MAX_NDIM = 8
 # Arbitrary 63-bit constants: legitimate data starting with exactly these 8 bytes is not a concern.
 DATA_MAGIC = 0x5053_4844_7A31_0001  # "PSHD"
 ABORT_MAGIC = 0x5053_4142_7A31_0002  # "PSAB"
+CALL_MAGIC = 0x5053_434C_7A31_0003  # "PSCL"
 _ABORT_PREFIX = ABORT_MAGIC.to_bytes(8, sys.byteorder)  # how it lies in memory, as int64 on this host
 
 # A fixed table, never derived from torch's internal enum, so both ends agree across versions.
@@ -84,7 +98,7 @@ class Reason:
         TIMEOUT: "sent nothing within config.p2p_timeout",
         CORRUPT: "received a corrupt message header",
         OTHER: "raised an error",
-        PLAN: "runs a different plan (p, v, m, G or forward_only differ between ranks)",
+        PLAN: "was called with different arguments than its neighbour",
     }
 
 
@@ -132,8 +146,22 @@ class AbortRecord:
     reporter: int = -1
     shape: tuple[int, ...] | None = None
     dtype: int = 0
+    # Reason PLAN: (disagreeing group rank, its global rank, then (field, value here, value there) triples).
+    mismatch: tuple[int, ...] = ()
 
     def describe(self, v: int = 1) -> str:
+        if self.reason == Reason.PLAN and len(self.mismatch) >= 2:
+            other, other_global = self.mismatch[:2]
+            triples = [self.mismatch[i : i + 3] for i in range(2, len(self.mismatch) - 2, 3)]
+            diffs = "; ".join(
+                f"{_field_text(f, a)} on pipeline rank {self.rank}, {_field_text(f, b)} on pipeline rank {other}"
+                for f, a, b in triples if f > 0
+            )
+            return (
+                f"pipeline rank {self.rank} (global rank {self.global_rank}) and pipeline rank {other} (global rank "
+                f"{other_global}) were called with different arguments ({diffs or 'details lost'}); call the "
+                f"schedule with the same arguments and config on every rank"
+            )
         doing = ""
         if self.action is not None:
             kind, mb, chunk = self.action
@@ -168,11 +196,18 @@ def encode_abort(record: AbortRecord, *, device: torch.device) -> torch.Tensor:
     values[8] = len(shape)
     values[9 : 9 + len(shape)] = list(shape)
     values[17] = record.dtype
+    if record.reason == Reason.PLAN:
+        values[8:19] = (list(record.mismatch[:11]) + [0] * 11)[:11]
     return torch.tensor(values, dtype=torch.int64, device=device)
 
 
 def _decode_abort(values: list[int]) -> AbortRecord:
     kind = {1: "F", 2: "B"}.get(values[4])
+    if values[1] == Reason.PLAN:
+        return AbortRecord(
+            reason=values[1], rank=values[2], global_rank=values[3], action=None, reporter=values[7],
+            mismatch=tuple(values[8:19]),
+        )
     ndim = values[8]
     shape = tuple(values[9 : 9 + ndim]) if 0 < ndim <= MAX_NDIM else None
     return AbortRecord(
@@ -252,3 +287,70 @@ def read_abort_marker(tensor: torch.Tensor) -> AbortRecord | None:
         values[n // 8 :] = [-1] * (RECORD_LEN - n // 8)
         values[8] = 0
     return _decode_abort(values)
+
+
+# -- call records ---------------------------------------------------------------------------------
+
+_HEADER_MODES = ("no headers", "check_p2p_shapes=True", "variable_seq_lengths=True")
+# Fields of a call record, by index: what each means to the caller.
+_FIELDS = {
+    1: "p={}", 2: "v={} model chunks per rank", 3: "num_microbatches={}", 4: "microbatch_group_size_per_vp_stage={}",
+    5: "forward_only={}", 6: "{}", 7: "pipeline_dtype={}", 8: "an activation of {} dimensions",
+}
+
+
+def _any_dtype_code(dtype: torch.dtype) -> int:
+    """The wire code of any dtype: the table's, or one derived from its name (stable across processes)."""
+    return _CODE.get(dtype) or 1000 + zlib.crc32(str(dtype).encode()) % 1_000_000
+
+
+def _any_dtype_name(code: int) -> str:
+    if 1 <= code <= len(_DTYPES):
+        return str(_DTYPES[code - 1])
+    for name in dir(torch):
+        candidate = getattr(torch, name, None)
+        if isinstance(candidate, torch.dtype) and _any_dtype_code(candidate) == code:
+            return str(candidate)
+    return f"<dtype code {code}>"
+
+
+def _field_text(field: int, value: int) -> str:
+    if field == 5:
+        return f"forward_only={bool(value)}"
+    if field == 6:
+        return _HEADER_MODES[value] if 0 <= value < len(_HEADER_MODES) else f"<header mode {value}>"
+    if field == 7:
+        return f"pipeline_dtype={_any_dtype_name(value)}"
+    if field == 8:
+        return "activation shapes that vary (variable_seq_lengths)" if value == 0 else f"an activation of {value} dimensions"
+    if field >= 9:
+        return f"activation dimension {field - 9} = {value}"
+    return _FIELDS.get(field, "field {}={{}}".format(field)).format(value)
+
+
+def encode_call(
+    *, p: int, v: int, m: int, group_size: int, forward_only: bool, headers: int, dtype: torch.dtype,
+    shape: tuple[int, ...] | None, device: torch.device,
+) -> torch.Tensor:
+    """The call record of a rank: equal, value for value, on two ranks called with the same arguments."""
+    dims = tuple(shape or ())[:MAX_NDIM]
+    values = [0] * RECORD_LEN
+    values[:9] = [CALL_MAGIC, p, v, m, group_size, int(forward_only), headers, _any_dtype_code(dtype), len(dims)]
+    values[9 : 9 + len(dims)] = list(dims)
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def call_differences(mine: list[int], theirs: list[int]) -> list[tuple[int, int, int]]:
+    """``(field, mine, theirs)`` for every field in which two call records differ."""
+    return [(i, a, b) for i, (a, b) in enumerate(zip(mine, theirs)) if i >= 1 and a != b]
+
+
+def describe_call(values: list[int]) -> str:
+    """The arguments a call record stands for, in the caller's words."""
+    ndim = values[8]
+    shape = f"activation shape {values[9 : 9 + ndim]}" if ndim else "variable activation shapes"
+    schedule = "1F1B" if values[2] == 1 else f"interleaved, v={values[2]} model chunks"
+    return (
+        f"p={values[1]}, {schedule}, num_microbatches={values[3]}, microbatch_group_size_per_vp_stage={values[4]}, "
+        f"forward_only={bool(values[5])}, {_field_text(6, values[6])}, {_field_text(7, values[7])}, {shape}"
+    )
