@@ -38,6 +38,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pipeschedule.notice import bounded_collective, declare_groups
+
 __all__ = ["DataParallelChunks"]
 
 logger = logging.getLogger(__name__)
@@ -77,7 +79,7 @@ class DataParallelChunks:
 
     def grad_sync_funcs(self) -> list[Callable[[Iterable[nn.Parameter]], None]]:
         """``config.grad_sync_func``: one per chunk, each averaging that chunk's gradients."""
-        return [lambda params, c=c: self._average_chunk(c, params) for c in range(len(self.modules))]
+        return [declare_groups(lambda params, c=c: self._average_chunk(c, params), self.group) for c in range(len(self.modules))]
 
     def finish_grad_sync(self, model_chunks: Any = None, *_: Any, **__: Any) -> None:
         """Average every chunk whose gradients no ``grad_sync_func`` call averaged this step; call once per step.
@@ -99,9 +101,12 @@ class DataParallelChunks:
             if finalize_model_grads_func is not None:
                 finalize_model_grads_func(model_chunks, num_tokens)
 
+        # The step watches the data-parallel group's failure notices (and the groups of the given
+        # finalize): a replica that fails reaches the others even when they wait in an all-reduce.
+        groups = getattr(finalize_model_grads_func, "pipeschedule_groups", ())
         return {
             "no_sync_func": self.no_sync_funcs(), "grad_sync_func": self.grad_sync_funcs(),
-            "finalize_model_grads_func": finalize_model_grads,
+            "finalize_model_grads_func": declare_groups(finalize_model_grads, self.group, *groups),
         }
 
     def _average_chunk(self, chunk: int, params: Iterable[nn.Parameter]) -> None:
@@ -134,7 +139,10 @@ class DataParallelChunks:
             by_dtype.setdefault(grad.dtype, []).append(grad)
         for same_dtype in by_dtype.values():
             flat = torch.cat([grad.reshape(-1) for grad in same_dtype])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+            bounded_collective(
+                lambda flat=flat: dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True),
+                group=self.group, what="the data-parallel gradient all-reduce of grad_sync_func",
+            )
             self.all_reduces += 1
             flat.div_(self.size)
             for grad, piece in zip(same_dtype, flat.split([grad.numel() for grad in same_dtype])):

@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeschedule.notice import bounded_collective
+
 __all__ = ["DynamicLossScaler", "agree_found_inf", "local_found_inf"]
 
 logger = logging.getLogger(__name__)
@@ -37,17 +39,25 @@ def local_found_inf(parameters: Iterable[nn.Parameter]) -> bool:
     return any(param.grad is not None and not bool(torch.isfinite(param.grad).all()) for param in parameters)
 
 
-def agree_found_inf(*, found_inf: bool, group: Any = None, device: torch.device | None = None) -> bool:
+def agree_found_inf(
+    *, found_inf: bool, group: Any = None, device: torch.device | None = None, timeout: float | None = None
+) -> bool:
     """The logical OR of ``found_inf`` over ``group`` (a max-reduce): the same answer on every member.
 
     Collective over ``group``; ``None`` means the default group when ``torch.distributed`` is
     initialised and this rank alone otherwise. ``device`` is where the flag travels (CPU for gloo,
-    the current GPU for NCCL).
+    the current GPU for NCCL). The wait is bounded (:func:`pipeschedule.notice.bounded_collective`):
+    inside a step (a hook) by ``config.p2p_timeout`` and the step's failure notices, outside by
+    ``timeout`` seconds (``None``: the process group's own timeout); a member that failed or hangs
+    raises :class:`~pipeschedule.errors.PeerFailedError` instead of a hang.
     """
     if not dist.is_initialized():
         return bool(found_inf)
     flag = torch.tensor([1.0 if found_inf else 0.0], device=device or torch.device("cpu"))
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    bounded_collective(
+        lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group, async_op=True),
+        group=group, what="the loss scaler's found_inf max-reduce", timeout=timeout,
+    )
     return bool(flag.item() > 0)
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeschedule.notice import bounded_collective, declare_groups
 from pipeschedule.wrapped import inner_module
 
 __all__ = ["make_finalize_model_grads", "sum_tied_embedding_grads", "tied_embedding_weights"]
@@ -72,7 +73,11 @@ def sum_tied_embedding_grads(*, model_chunks: Sequence[nn.Module], group: Any = 
         if weight.grad is not None:
             total.add_(weight.grad)
     if remote:
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        # Bounded, and skipped once the step has failed: a member that raised never joins.
+        bounded_collective(
+            lambda: dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group, async_op=True),
+            group=group, what="the tied-embedding all-reduce of finalize_model_grads_func",
+        )
     for weight in weights:
         if weight.grad is None:
             weight.grad = total.clone()
@@ -97,4 +102,5 @@ def make_finalize_model_grads(
         if then is not None:
             then(model_chunks, num_tokens)
 
-    return finalize_model_grads
+    # A failure in this step reaches the other member of the embedding group through its notices.
+    return declare_groups(finalize_model_grads, embedding_group, *getattr(then, "pipeschedule_groups", ()))
