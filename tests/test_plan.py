@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeschedule import plan as plan_module
 from pipeschedule.check import PlanError, check_pipeline, peak_live_activations
 from pipeschedule.plan import (
     Exchange,
@@ -16,9 +17,11 @@ from pipeschedule.plan import (
     build_pipeline,
     build_plan,
     choose_group_size,
+    lockstep_receives,
     order_table,
     phase_counts,
 )
+from pipeschedule.simulate import CostModel, simulate
 
 
 @st.composite
@@ -194,3 +197,56 @@ def test_check_catches_a_deadlock():
     exchanges[2] = Exchange(sends=exchanges[2].sends, recvs=())
     with pytest.raises(PlanError, match="deadlocks: ranks \\[0, 1\\]"):
         check_pipeline([_with_exchanges(plans[0], exchanges), plans[1]])
+
+
+# -- the placement rule -------------------------------------------------------------------------
+
+def _placed(p, r, v, m, fo, g, lockstep):
+    return plan_module._plan(p, r, v, m, fo, g, lockstep)
+
+
+def test_the_rule_makes_deadlock_free_plans_for_every_default_configuration():
+    # Exhaustive over p <= 8, v <= 4, m <= 32 with the default group size, training and forward
+    # only. Every group size too: scripts/check_plans.py (too long for the suite on 2 cores).
+    for p in range(1, 9):
+        for v in range(1, 5):
+            for m in range(p if v > 1 else 1, 33):
+                for fo in (False, True):
+                    check_pipeline(build_pipeline(p=p, v=v, m=m, forward_only=fo))
+        plan_module._plan.cache_clear()
+
+
+@settings(max_examples=60, deadline=None)
+@given(configs())
+def test_the_rule_is_never_slower_than_the_other_placement(cfg):
+    # The rule replaces "simulate both placements, keep the faster deadlock-free one".
+    p, v, m, fo, g = cfg
+    g = choose_group_size(p=p, m=m, v=v, requested=g)
+    rule = lockstep_receives(p=p, v=v, m=m, group_size=g, forward_only=fo)
+    chosen = [_placed(p, r, v, m, fo, g, rule) for r in range(p)]
+    other = [_placed(p, r, v, m, fo, g, not rule) for r in range(p)]
+    check_pipeline(chosen)
+    try:
+        check_pipeline(other)
+    except PlanError:
+        return
+    cost = CostModel(tf=1.0, tb=2.0)
+    assert simulate(chosen, cost=cost).step_time <= simulate(other, cost=cost).step_time
+
+
+@settings(max_examples=12, deadline=None)
+@given(configs(max_p=32, max_v=8, max_m=256))
+def test_large_pipelines_are_deadlock_free(cfg):
+    p, v, m, fo, g = cfg
+    check_pipeline(build_pipeline(p=p, v=v, m=m, forward_only=fo, group_size=g))
+    plan_module._plan.cache_clear()
+
+
+def test_a_rank_is_planned_from_its_neighbours_alone(monkeypatch):
+    # O(m v) per rank: the steps of ranks r - 1, r and r + 1 are built, no others.
+    built = []
+    real = plan_module._step_groups
+    monkeypatch.setattr(plan_module, "_step_groups", lambda p, q, *args: built.append(q) or real(p, q, *args))
+    plan_module._plan.cache_clear()
+    build_plan(p=16, r=5, v=2, m=32)
+    assert sorted(built) == [4, 5, 6]
