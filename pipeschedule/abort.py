@@ -21,16 +21,19 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from pipeschedule.errors import RESTART, PeerFailedError, ShapeMismatchError
+from pipeschedule.errors import RESTART, ArgumentMismatchError, PeerFailedError, PipelineError, ShapeMismatchError
 from pipeschedule.framed import Incoming, framed_exchange
+from pipeschedule.notice import FailureBoard, Notice, declared_groups
 from pipeschedule.p2p import TensorSpec, exchange, wait_bounded
-from pipeschedule.plan import Message, build_plan
+from pipeschedule.plan import Action, Message, build_plan
 from pipeschedule.wire import RECORD_LEN, AbortRecord, Reason, dtype_code, encode_abort, read_abort_marker, write_abort_into
 
 if TYPE_CHECKING:
     from pipeschedule.executor import PlanRunner
 
 logger = logging.getLogger(__name__)
+
+TELL_GRACE_S = 0.5  # how long a failing rank lets its channel notices go out before it raises
 
 
 class FailureHandling:
@@ -42,32 +45,132 @@ class FailureHandling:
         if record is not None:
             peer = self.link.name(msg.src_stage % self.plan.p if msg is not None else from_rank)
             waited = f", waiting for {msg.label()}" if msg is not None else ""
-            expects = ""
-            if record.reason == Reason.SENT_SHAPE and self.spec is not None:
-                expects = f" (this rank expects shape {list(self.spec.shape)}, {self.spec.dtype})"
-            raise PeerFailedError(
-                f"{record.describe(self.plan.v)}; {self.link.name(self.link.rank)} learnt it from {peer} while it "
-                f"{self.where}{waited}{expects}. Look at the failed rank's log for its error; {RESTART}",
+            text = record.describe(self.plan.v)
+            # The failed rank's own notice says more (its error, a Ctrl-C, the hook it ran).
+            notice = self.board.poll(force=True) if self.board is not None else None
+            if notice is not None and notice.record.global_rank == record.global_rank:
+                text = notice.text
+            error = PeerFailedError(
+                f"{text}; {self.link.name(self.link.rank)} learnt it from {peer} while it "
+                f"{self.where}{waited}{self._expects(record)}. Look at the failed rank's log for its error; {RESTART}",
                 record=record,
             )
+            error.notice_text = text
+            raise error
+
+    def _expects(self: PlanRunner, record: AbortRecord) -> str:
+        """For a neighbour's wrong-shaped output: the shape this rank expects (fixed shapes)."""
+        if record.reason == Reason.SENT_SHAPE and self.spec is not None:
+            return f" (this rank expects shape {list(self.spec.shape)}, {self.spec.dtype})"
+        return ""
+
+    # -- the failure board -----------------------------------------------------------------------
+
+    def _open_board(self: PlanRunner) -> None:
+        """The step's failure board, over the pipeline group and the groups the hooks declare."""
+        config = self.config
+        hooks = [config.finalize_model_grads_func, config.grad_sync_func, config.no_sync_func, config.param_sync_func]
+        self.board = FailureBoard.open(
+            [self.link.group, *declared_groups([h for h in hooks if h is not None])],
+            me=self.link.name(self.link.rank), timeout=config.p2p_timeout,
+        )
+        if self.board is not None:
+            self.board.detail = self._expects
+            self.board.enter()
+
+    def _close_board(self: PlanRunner) -> None:
+        if self.board is not None:
+            self.board.leave()
+
+    def _hook_failed(self: PlanRunner, where: str, action: Action | None = None) -> None:
+        """A hook raised: that, not the action around it, is what this rank was doing."""
+        self.where = where
+        self.doing = (Reason.OTHER, action)
+
+    def _explained(self: PlanRunner, exc: BaseException) -> BaseException:
+        """A backend error (from a hook's collective, say) after another rank failed: the error naming that rank.
+
+        A hook that runs its own collectives (Megatron's DDP) gets the backend's raw error, naming no
+        rank, when a member failed; the notice on the board says who failed and doing what. Without
+        a notice, the raw error gets a note saying where it came from.
+        """
+        if isinstance(exc, PipelineError) or not isinstance(exc, RuntimeError) or not _from_backend(exc):
+            return exc
+        notice = self.board.poll(force=True) if self.board is not None else None
+        me = self.link.name(self.link.rank)
+        first = str(exc).splitlines()[0][:200]
+        if notice is not None and notice.record.global_rank != self.link.global_rank(self.link.rank):
+            return self.board.error(notice, self.where, detail=f" (the backend raised {type(exc).__name__}: {first})")
+        # A hook's own group is not watched by the step: the job's latest failure, if recent, is the likely cause.
+        latest = self.board.latest(max_age=self.config.p2p_timeout + 60) if self.board is not None else None
+        if latest is not None and latest[0].record.global_rank != self.link.global_rank(self.link.rank):
+            return self.board.error(
+                latest[0], self.where,
+                detail=f" (the backend raised {type(exc).__name__}: {first}; that failure was reported {latest[1]:.1f}s before)",
+            )
+        if hasattr(exc, "add_note"):
+            exc.add_note(
+                f"pipeschedule: the communication backend raised this on {me} while it {self.where}; no rank reported "
+                f"a failure, so a rank of that communication probably died or hangs: look for the first error in the "
+                f"other ranks' logs; {RESTART}"
+            )
+        return exc
 
     # -- failure ---------------------------------------------------------------------------------
 
     def _abort(self: PlanRunner, exc: BaseException) -> None:
-        """Tell the neighbours that still expect a message from this rank that the step is lost.
+        """Tell the whole job that the step is lost, then the neighbours; never raises.
+
+        First the notice on the failure board (:mod:`pipeschedule.notice`): every rank of the job
+        watches it while it waits, so each raises within a poll of it, whatever it waits on. Then
+        the channel notices (:meth:`_tell_neighbours`), on a thread of their own that this rank
+        waits for at most :data:`TELL_GRACE_S`: the failing rank raises its own error at once, and
+        the original error is what the caller must see.
+        """
+        record = self._record_for(exc)
+        if self.board is not None:
+            origin = record.global_rank == self.link.global_rank(self.link.rank)
+            self.board.publish(Notice(dataclasses.replace(record, reporter=self.link.rank), self._notice_text(exc, record)), origin=origin)
+        if self.plan.p == 1:
+            return
+        told: list[int] = []
+        thread = threading.Thread(target=self._tell_neighbours, args=(exc, record, told), daemon=True)
+        thread.start()
+        thread.join(timeout=TELL_GRACE_S if self.board is not None else None)
+        if hasattr(exc, "add_note"):
+            if self.board is not None:
+                exc.add_note(f"pipeschedule: {self.link.name(self.link.rank)} wrote the failure notice every rank of the job watches")
+            if told and not thread.is_alive():
+                exc.add_note(f"pipeschedule: told {', '.join(self.link.name(r) for r in sorted(told))} that the step failed")
+
+    def _notice_text(self: PlanRunner, exc: BaseException, record: AbortRecord) -> str:
+        """The sentence every other rank reads: who failed, doing what, with which error."""
+        if getattr(exc, "notice_text", None):
+            return exc.notice_text
+        me = self.link.name(self.link.rank)
+        if isinstance(exc, KeyboardInterrupt):
+            return f"{me} was interrupted (KeyboardInterrupt: Ctrl-C or SIGINT) while it {self.where}"
+        text = record.describe(self.plan.v)
+        if record.rank == self.link.rank and not isinstance(exc, PeerFailedError):
+            if record.reason == Reason.OTHER:
+                text += f" while it {self.where}"
+            first = str(exc).splitlines()[0][:300] if str(exc) else ""
+            text += f" ({type(exc).__name__}{': ' + first if first else ''})"
+        return text
+
+    def _tell_neighbours(self: PlanRunner, exc: BaseException, record: AbortRecord, told: list[int]) -> None:
+        """Replace each message this rank still owes a neighbour by an abort record, and take theirs.
 
         The record takes the place of the next message each neighbour expects from us, so it is
         matched by a receive the neighbour posts anyway. Then the messages still on their way to
-        this rank are taken (:meth:`_drain`). Never raises: the original error is what the caller
-        must see.
+        this rank are taken (:meth:`_take`).
         """
-        if self.plan.p == 1:
-            return
-        record = self._record_for(exc)
         p = self.plan.p
         owed = {msg.dst_stage % p for ex in self.plan.exchanges[self.next_exchange :] for msg in ex.sends}
         closing = self.passes_token_count and self.link.rank > 0 and not self.closing_sent
-        targets = sorted((owed | ({self.link.rank - 1} if closing else set())) - {record.rank, record.reporter, self.link.rank})
+        # Neighbours called with other arguments run another plan: nothing is sent to or taken from them.
+        mismatched = self.handshake.settle() if self.handshake is not None else set()
+        targets = sorted((owed | ({self.link.rank - 1} if closing else set())) - {record.rank, record.reporter, self.link.rank} - mismatched)
         notice = dataclasses.replace(record, reporter=self.link.rank)
         sends = []
         for peer in targets:
@@ -80,9 +183,8 @@ class FailureHandling:
         desynced = {getattr(exc, "desynced_peer", -1)}  # its channel holds unread data: take nothing more
         # The failed rank and the neighbour that told us are not running their plans any more: they
         # send nothing else, so there is nothing to take from them.
-        neighbours = sorted({self.link.prev, self.link.next} - {record.rank, record.reporter, self.link.rank} - desynced)
+        neighbours = sorted({self.link.prev, self.link.next} - {record.rank, record.reporter, self.link.rank} - desynced - mismatched)
         due = {peer: self._due_from(peer) for peer in neighbours}
-        told: list[int] = []
 
         def tell(tensor: torch.Tensor, peer: int) -> None:
             try:
@@ -105,8 +207,6 @@ class FailureHandling:
             thread.start()
         for thread in threads:
             thread.join(timeout=3 * self.config.p2p_timeout + 5)  # every wait inside is bounded
-        if told and hasattr(exc, "add_note"):
-            exc.add_note(f"pipeschedule: told {', '.join(self.link.name(r) for r in sorted(told))} that the step failed")
         for peer in neighbours:
             if self.framed or peer not in targets:
                 try:
@@ -145,19 +245,26 @@ class FailureHandling:
                 pending=self.pending, what=what, v=self.plan.v,
             )
         elif due:
-            ops = [dist.P2POp(dist.irecv, self.spec.empty(), group=self.link.group, group_peer=peer) for _ in due]
-            for work in dist.batch_isend_irecv(ops):
-                wait_bounded(work, link=self.link, peer=peer, what=what, timeout=self.config.p2p_timeout)
+            # One at a time: a neighbour that failed too sends one abort notice instead of the rest,
+            # and then expects nothing more from us (as with headers, where framed_exchange raises).
+            for _ in due:
+                buf = self.spec.empty()
+                for work in dist.batch_isend_irecv([dist.P2POp(dist.irecv, buf, group=self.link.group, group_peer=peer)]):
+                    wait_bounded(work, link=self.link, peer=peer, what=what, timeout=self.config.p2p_timeout)
+                if read_abort_marker(buf) is not None:
+                    raise PeerFailedError(f"{self.link.name(peer)} failed too while this rank took its messages")
         if not hears_from_us and self.passes_token_count and peer == self.link.rank + 1 and not self.closing_received:
             # The token count comes last on this channel; take it so the neighbour can finish.
             buf = torch.empty(RECORD_LEN, dtype=torch.float64, device=self.device)
             dist.batch_isend_irecv([dist.P2POp(dist.irecv, buf, group=self.link.group, group_peer=peer)])
 
     def _record_for(self: PlanRunner, exc: BaseException) -> AbortRecord:
-        if isinstance(exc, PeerFailedError) and exc.record is not None:
+        if isinstance(exc, (PeerFailedError, ArgumentMismatchError)) and exc.record is not None:
             return exc.record
         reason, action = self.doing
-        if isinstance(exc, ShapeMismatchError) and self.bad_output is not None:
+        if isinstance(exc, KeyboardInterrupt):
+            reason, action = Reason.OTHER, None
+        elif isinstance(exc, ShapeMismatchError) and self.bad_output is not None:
             reason = Reason.SENT_SHAPE
         elif isinstance(exc, ShapeMismatchError):
             reason = Reason.RECEIVED_SHAPE
@@ -207,3 +314,11 @@ def _safe_code(dtype: torch.dtype) -> int:
         return dtype_code(dtype)
     except TypeError:
         return 0
+
+
+def _from_backend(exc: BaseException) -> bool:
+    """Whether ``exc`` looks like a communication backend's error (gloo, NCCL, the store)."""
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc).lower()
+    return any(word in text for word in ("gloo", "nccl", "connection", "closed by peer", "timed out", "pair closure"))

@@ -29,11 +29,13 @@ from pipeschedule.abort import FailureHandling
 from pipeschedule.config import PipelineConfig, ScheduleEvent
 from pipeschedule.errors import ShapeMismatchError
 from pipeschedule.framed import Incoming, PendingSends, framed_exchange
+from pipeschedule.handshake import Handshake
 from pipeschedule.memory import held_bytes, release_output
+from pipeschedule.notice import FailureBoard
 from pipeschedule.p2p import Neighbours, TensorSpec, exchange
 from pipeschedule.plan import Action, Exchange, Message, RankPlan, Step
 from pipeschedule.sync import GradSync
-from pipeschedule.wire import Reason, plan_fingerprint
+from pipeschedule.wire import Reason, encode_call, plan_fingerprint
 from pipeschedule.wrapped import inner_module
 
 _NOTHING = contextlib.nullcontext()
@@ -128,14 +130,43 @@ class PlanRunner(FailureHandling):
         self.closing_sent = False  # the token count message to the previous rank
         self.closing_received = False
         self.input_setters = [_input_setter(chunk) for chunk in chunks]
+        # A chunk may declare that its output does not depend on its input (see _backward).
+        self.ignores_input = [
+            getattr(inner_module(chunk, having="ignores_input_tensor"), "ignores_input_tensor", False) is True
+            for chunk in chunks
+        ]
         self.release_outputs = config.deallocate_pipeline_outputs
         self.report_held_bytes = bool(getattr(config.observer, "wants_held_bytes", False))
+        self.board: FailureBoard | None = None  # the job's failure notices, while the step runs
+        self.handshake = self._handshake() if plan.p > 1 else None
+
+    def _handshake(self) -> Handshake:
+        """The call record this rank opens the step with (:mod:`pipeschedule.handshake`)."""
+        plan, config, spec = self.plan, self.config, self.spec
+        record = encode_call(
+            p=plan.p, v=plan.v, m=plan.m, group_size=plan.group_size, forward_only=plan.forward_only,
+            headers=2 if config.variable_seq_lengths else 1 if config.check_p2p_shapes else 0,
+            dtype=spec.dtype if spec is not None else config.pipeline_dtype,
+            shape=spec.shape if spec is not None else None, device=self.device,
+        )
+        return Handshake(self.link, record, timeout=config.p2p_timeout, v=plan.v)
+
+    def _check_call(self, peers: Any) -> None:
+        """Before the first exchange with each of ``peers``: its call record must equal ours."""
+        unchecked = self.handshake.unchecked
+        for peer in peers:
+            if peer in unchecked:
+                self.where = f"{self.where}, checking the call record of {self.link.name(peer)}"
+                self.handshake.check(peer)
 
     # -- the step ---------------------------------------------------------------------------
 
     def run(self) -> list[Any]:
         """Run every step; return the reduced loss dicts (last stage) or ``[]``."""
+        self._open_board()
         try:
+            if self.handshake is not None:
+                self.handshake.post()
             self._start()
             for step in self.plan.steps:
                 for action in step.actions:
@@ -144,6 +175,8 @@ class PlanRunner(FailureHandling):
             self.where = "finished its last exchange"
             self.doing = (Reason.OTHER, None)
             self.pending.wait(link=self.link, timeout=self.config.p2p_timeout)
+            if self.handshake is not None:
+                self.handshake.finish()
             self.where = "started the data-parallel gradient reductions (no_sync_func, grad_sync_func)"
             self.sync.finish()
             leftovers = {"inbox": self.inbox, "outbox": self.outbox, "saved": self.saved}
@@ -152,10 +185,14 @@ class PlanRunner(FailureHandling):
             if not self.plan.forward_only:
                 self._finalize()
         except BaseException as exc:
-            self._abort(exc)
+            error = self._explained(exc)
+            self._abort(error)
+            if error is not exc:
+                raise error from exc
             raise
         finally:
             self.sync.close()
+            self._close_board()
         return self.store if self._is_last(self.plan.v - 1) else []
 
     def _start(self) -> None:
@@ -171,7 +208,11 @@ class PlanRunner(FailureHandling):
         start = time.perf_counter() if observer is not None else 0.0
         self.where = f"ran {action.label(self.plan.v)}"
         self.doing = (Reason.FORWARD if action.kind == "F" else Reason.BACKWARD, action)
-        self.sync.before(action)
+        try:
+            self.sync.before(action)
+        except BaseException:
+            self._hook_failed(f"ran the hooks before {action.label(self.plan.v)} (no_sync_func, param_sync_func)", action)
+            raise
         # Everything between two actions is on the critical path of a pipeline; the profiler
         # range is opened only when a profiler records it.
         profiled = torch.profiler.record_function(f"pipeschedule.{action.label(self.plan.v)}") if _profiler_enabled() else _NOTHING
@@ -180,7 +221,11 @@ class PlanRunner(FailureHandling):
                 self._forward(action)
             else:
                 self._backward(action)
-        self.sync.after(action)
+        try:
+            self.sync.after(action)
+        except BaseException:
+            self._hook_failed(f"ran the hooks after {action.label(self.plan.v)} (grad_sync_func, no_sync_func)", action)
+            raise
         if observer is not None:
             end = time.perf_counter()
             held = held_bytes(self._held_tensors()) if self.report_held_bytes else None
@@ -219,15 +264,29 @@ class PlanRunner(FailureHandling):
             if self._is_last(chunk):
                 self.doing = (Reason.LOSS, action)
                 output = self._loss(output, loss_func)
+                if not self.plan.forward_only and not self.collect_non_loss_data and not output.requires_grad:
+                    raise ValueError(
+                        f"{self._stage_name(chunk)}: the loss of microbatch {action.microbatch} does not require grad, so "
+                        f"backward cannot run: loss_func returned a loss that was detached (.detach(), .item(), "
+                        f"torch.no_grad()); compute the loss from output_tensor without detaching it, or pass "
+                        f"forward_only=True to evaluate"
+                    )
                 self.doing = (Reason.FORWARD, action)
         out_msg = self.plan.output_message(action)
         if out_msg is not None:
             self._check_activation(output, action)
+            if not self.plan.forward_only and not output.requires_grad:
+                raise ValueError(
+                    f"{self._stage_name(chunk)} returned an activation for microbatch {action.microbatch} that does not "
+                    f"require grad, so no gradient can flow back through it: it was detached (.detach(), .data, "
+                    f"torch.no_grad() inside forward); return the output of the chunk's layers as it is, or pass "
+                    f"forward_only=True to evaluate"
+                )
             # A detached alias is sent: it keeps the data alive until the send is done, even
             # when the output's own data is released below.
             self._emit(out_msg, output.detach())
             if self.release_outputs and not self.plan.forward_only:
-                release_output(output)
+                release_output(output, keep=input_tensor)
         if not self.plan.forward_only:
             self.saved[(action.microbatch, chunk)] = (input_tensor, output)
 
@@ -280,8 +339,22 @@ class PlanRunner(FailureHandling):
         out_msg = self.plan.output_message(action)
         if out_msg is not None:
             grad = input_tensor.grad
-            # A chunk that ignores its input still owes the previous stage a gradient: zero.
-            self._emit(out_msg, torch.zeros_like(input_tensor) if grad is None else grad)
+            if grad is None:
+                if not self.ignores_input[action.chunk]:
+                    raise ValueError(
+                        f"{self._stage_name(action.chunk)}: its output for microbatch {action.microbatch} does not depend "
+                        f"on the activation received from stage {self.plan.stage(action.chunk) - 1}, which would get no "
+                        f"gradient: the chunk does not use the tensor given to set_input_tensor (set_input_tensor not "
+                        f"wired). Make forward() compute from the tensor set_input_tensor stores; if the chunk really "
+                        f"ignores its input, set the attribute ignores_input_tensor = True on it (the previous stage then "
+                        f"gets a zero gradient)"
+                    )
+                # A chunk that says it ignores its input still owes the previous stage a gradient: zero.
+                grad = torch.zeros_like(input_tensor)
+            self._emit(out_msg, grad)
+
+    def _stage_name(self, chunk: int) -> str:
+        return f"stage {self.plan.stage(chunk)} (model chunk {chunk} on {self.link.name(self.link.rank)})"
 
     def _emit(self, msg: Message, tensor: torch.Tensor) -> None:
         """``tensor`` is ``msg``'s data; the step's exchange sends it."""
@@ -314,6 +387,10 @@ class PlanRunner(FailureHandling):
     # -- communication -------------------------------------------------------------------------
 
     def _exchange(self, ex: Exchange) -> None:
+        if self.handshake is not None and self.handshake.unchecked and ex:
+            # Before anything is posted: a failure here still owes this exchange's messages.
+            p = self.plan.p
+            self._check_call([msg.dst_stage % p for msg in ex.sends] + [msg.src_stage % p for msg in ex.recvs])
         self.next_exchange += 1
         if not ex:
             return

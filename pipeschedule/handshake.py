@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from pipeschedule.errors import RESTART, ArgumentMismatchError, CorruptHeaderError
 from pipeschedule.p2p import Neighbours, post_recv, post_send, wait_bounded
-from pipeschedule.wire import CALL_MAGIC, RECORD_LEN, AbortRecord, Reason, call_differences, describe_call
+from pipeschedule.wire import CALL_MAGIC, RECORD_LEN, AbortRecord, Reason, call_differences, describe_call, describe_differences
 
 __all__ = ["Handshake"]
 
@@ -82,7 +82,8 @@ class Handshake:
             mismatch=(peer, self.link.global_rank(peer), *[x for triple in _summary(differences) for x in triple]),
         )
         raise ArgumentMismatchError(
-            f"{me} and {name} were called with different arguments. {me}: {describe_call(mine)}. {name}: "
+            f"{me} and {name} were called with different arguments ({describe_differences(differences, me, name)}). "
+            f"{me}: {describe_call(mine)}. {name}: "
             f"{describe_call(theirs)}. Call the schedule with the same num_microbatches, model chunks, "
             f"microbatch_group_size_per_vp_stage, forward_only, seq_length/micro_batch_size/hidden_size (or "
             f"tensor_shape), pipeline_dtype, variable_seq_lengths and check_p2p_shapes on every rank; {RESTART}",

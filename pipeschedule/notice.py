@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 POLL_S = 0.05  # how often a waiting rank reads the notices
 _PREFIX = "pipeschedule/"
 _GROUPS_ATTR = "pipeschedule_groups"
+_LATEST = "failed/latest"
 
 # The board of the step running in this context: found by every bounded wait, also those inside
 # the user's hooks, without threading it through Megatron's hook signatures. Set only while a
@@ -160,6 +161,8 @@ class FailureBoard:
         self._last_poll = 0.0
         self._waiter = _Waiter()
         self._token: contextvars.Token | None = None
+        # What this rank adds to a notice it learns of (the shape it expects, say); set by the runner.
+        self.detail: Callable[[AbortRecord], str] = lambda record: ""
 
     @classmethod
     def open(cls, groups: Sequence[Any], *, me: str, timeout: float | None) -> FailureBoard | None:
@@ -193,17 +196,41 @@ class FailureBoard:
 
     # -- notices ---------------------------------------------------------------------------------
 
-    def publish(self, notice: Notice) -> None:
-        """Write ``notice`` to every group of the step; the first notice on a group stays. Never raises."""
+    def publish(self, notice: Notice, *, origin: bool = False) -> None:
+        """Write ``notice`` to every group of the step; the first notice on a group stays. Never raises.
+
+        ``origin``: this rank is the one that failed; the notice is also kept as the job's latest
+        failure (:meth:`latest`), for errors in groups the step does not know.
+        """
         if self._published:
             return
         self._published = True
         value = notice.encode()
-        for key in self._keys:
+        keys = [(key, value) for key in self._keys]
+        for key, data in keys + ([(_LATEST, repr(time.time()).encode() + b"|" + value)] if origin else []):
             try:
-                self._store.compare_set(key, "", value)
+                if key == _LATEST:
+                    self._store.set(key, data)
+                else:
+                    self._store.compare_set(key, "", data)
             except Exception as err:  # the store may be gone with the job; the caller's error matters more
                 logger.warning("could not write the failure notice %s: %s", key, err)
+
+    def latest(self, *, max_age: float) -> tuple[Notice, float] | None:
+        """The job's latest failure by any rank, and how many seconds ago it was written, if at most ``max_age``.
+
+        For a backend error in a group the step does not watch (a user's hook): a rank that failed
+        shortly before is the likely cause. Clocks of different hosts make the age approximate.
+        """
+        try:
+            if not self._store.check([_LATEST]):
+                return None
+            stamp, _, value = self._store.get(_LATEST).partition(b"|")
+            age = time.time() - float(stamp)
+            return (Notice.decode(value), age) if age <= max_age else None
+        except Exception as err:  # no store, or a value it cannot read: nothing to name
+            logger.debug("could not read the latest failure notice: %s", err)
+            return None
 
     def poll(self, *, force: bool = False) -> Notice | None:
         """A notice of this step written by any rank, read at most every :data:`POLL_S` unless ``force``."""
@@ -225,7 +252,8 @@ class FailureBoard:
     def error(self, notice: Notice, where: str, *, detail: str = "") -> PeerFailedError:
         """The error of a rank that learnt of ``notice`` while it ``where``."""
         error = PeerFailedError(
-            f"{notice.text}; {self.me} learnt it from the job's failure notices while it {where}{detail}. Look at the "
+            f"{notice.text}; {self.me} learnt it from the job's failure notices while it {where}{detail}"
+            f"{self.detail(notice.record)}. Look at the "
             f"failed rank's log for its error; {RESTART}",
             record=notice.record,
         )

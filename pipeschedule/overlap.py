@@ -54,6 +54,8 @@ from pipeschedule.config import ScheduleEvent
 from pipeschedule.executor import PlanRunner
 from pipeschedule.p2p import post_recv, post_send, wait_bounded
 from pipeschedule.plan import Action, Exchange, Message, Step
+from pipeschedule.wire import read_abort_marker
+from pipeschedule.errors import PeerFailedError
 
 __all__ = ["OverlappedRunner"]
 
@@ -109,6 +111,8 @@ class OverlappedRunner(PlanRunner):
 
     def _emit(self, msg: Message, tensor: torch.Tensor) -> None:
         peer = msg.dst_stage % self.plan.p
+        if peer in self.handshake.unchecked:  # nothing goes to a neighbour before its call record is checked
+            self._check_call((peer,))
         work = post_send(self.link, tensor, peer, what=lambda: f"{self.where}, sending {msg.label()}", timeout=self.config.p2p_timeout)
         self.pending.add(work, peer, tensor, self.steps_done)
         # Right after a send the communication code is warm in the caches: a rank's other
@@ -121,6 +125,8 @@ class OverlappedRunner(PlanRunner):
     def _await(self, msg: Message) -> None:
         observer = self.config.observer
         start = time.perf_counter() if observer is not None else 0.0
+        if msg.src_stage % self.plan.p in self.handshake.unchecked:
+            self._check_call((msg.src_stage % self.plan.p,))
         work, buffer, peer = self.expected.pop(msg)
         self.where = f"waited for {msg.label()}"
         wait_bounded(work, link=self.link, peer=peer, what=self.where, timeout=self.config.p2p_timeout)
@@ -134,7 +140,9 @@ class OverlappedRunner(PlanRunner):
         # in plan order): wait on those, and post new receives only for the rest.
         posted = [m for m in due if m in self.expected]
         for msg in posted:
-            work, _, _ = self.expected.pop(msg)
+            work, buffer, _ = self.expected.pop(msg)
             wait_bounded(work, link=self.link, peer=peer, what=f"took {msg.label()} after a failure", timeout=self.config.p2p_timeout)
-        self.received.update(posted)
+            self.received.add(msg)
+            if read_abort_marker(buffer) is not None:  # it failed too: it sends nothing more
+                raise PeerFailedError(f"{self.link.name(peer)} failed too while this rank took its messages")
         super()._take(peer, [m for m in due if m not in posted], hears_from_us)

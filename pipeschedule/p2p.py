@@ -22,6 +22,7 @@ CPU and NCCL on GPU run the same code.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from pipeschedule.errors import RESTART, PeerFailedError
+from pipeschedule.notice import current_board
 from pipeschedule.wire import AbortRecord, Reason
 
 __all__ = [
@@ -126,13 +128,33 @@ def _link_failure(link: Neighbours, peer: int, what: str, exc: BaseException, ti
     )
 
 
+# The range of config.p2p_timeout: the backends take whole milliseconds (a wait of 0 ms means "no
+# timeout"), and convert to nanoseconds in 64 bits (about 292 years; timedelta stops at 1e9 days).
+MIN_P2P_TIMEOUT = 0.001
+MAX_P2P_TIMEOUT = 30 * 24 * 3600.0
+
+
+def _as_wait(timeout: float) -> timedelta:
+    """``timeout`` seconds as the backend's wait: whole milliseconds, at least one, at most 30 days."""
+    return timedelta(milliseconds=min(max(math.ceil(timeout * 1000), 1), MAX_P2P_TIMEOUT * 1000))
+
+
 def wait_bounded(work: dist.Work, *, link: Neighbours, peer: int, what: str, timeout: float | None) -> None:
-    """``work.wait()``, at most ``timeout`` seconds (``None``: unbounded); failures name ``peer``."""
+    """``work.wait()``, at most ``timeout`` seconds (``None``: unbounded); failures name ``peer``.
+
+    Inside a step the wait also watches the job's failure notices (:mod:`pipeschedule.notice`)
+    and raises as soon as any rank reports a failure, naming that rank.
+    """
+    board = current_board()
+    if board is not None:
+        blocking = work.wait if timeout is None else lambda: work.wait(timeout=_as_wait(timeout))
+        board.wait(blocking, timeout=timeout, where=what, on_error=lambda exc: _link_failure(link, peer, what, exc, timeout))
+        return
     try:
         if timeout is None:
             work.wait()
         else:
-            work.wait(timeout=timedelta(seconds=timeout))
+            work.wait(timeout=_as_wait(timeout))
     except RuntimeError as exc:
         raise _link_failure(link, peer, what, exc, timeout) from exc
 

@@ -27,7 +27,7 @@ import torch
 from pipeschedule.config import PipelineConfig, resolve_config
 from pipeschedule.executor import PlanRunner
 from pipeschedule.overlap import OverlappedRunner
-from pipeschedule.p2p import Neighbours, TensorSpec
+from pipeschedule.p2p import MAX_P2P_TIMEOUT, MIN_P2P_TIMEOUT, Neighbours, TensorSpec
 from pipeschedule.plan import build_plan
 from pipeschedule.wire import dtype_code
 
@@ -114,10 +114,12 @@ def _check_config(config: PipelineConfig) -> None:
         if not isinstance(value, bool):
             raise TypeError(f"config.{name} must be True or False, got {value!r}")
     timeout = config.p2p_timeout
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not MIN_P2P_TIMEOUT <= timeout <= MAX_P2P_TIMEOUT:
+        # Outside this range the backends do not wait as asked: below a millisecond the wait
+        # rounds to 0, which means "no timeout"; beyond weeks the conversion overflows.
         raise ValueError(
-            f"config.p2p_timeout must be a positive number of seconds, got {timeout!r}; use e.g. 300 (well under "
-            f"the process group's own timeout)"
+            f"config.p2p_timeout must be a number of seconds from {MIN_P2P_TIMEOUT} (1 ms) to {MAX_P2P_TIMEOUT:.0f} "
+            f"(30 days), got {timeout!r}; use e.g. 300 (well under the process group's own timeout)"
         )
     window = config.overlap_recv_window
     if isinstance(window, bool) or not isinstance(window, int) or window < 2:
@@ -165,6 +167,14 @@ def _run(
         group_size=cfg.microbatch_group_size_per_vp_stage,
     )
     _check_config(cfg)
+    if torch.is_inference_mode_enabled() and not forward_only:
+        # Checked before anything is sent: inside inference_mode no graph is recorded, and every
+        # rank would fail at its first backward with a message naming nothing.
+        raise RuntimeError(
+            f"{link.name(link.rank)}: the schedule was called inside torch.inference_mode(), where autograd records "
+            f"nothing, so backward cannot run; call it outside inference_mode to train, or pass forward_only=True "
+            f"to evaluate"
+        )
     spec = None
     # One rank communicates nothing, and variable shapes come in headers: neither needs a fixed shape.
     if link.size > 1 and not cfg.variable_seq_lengths:

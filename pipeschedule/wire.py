@@ -49,6 +49,7 @@ __all__ = [
     "call_differences",
     "decode",
     "describe_call",
+    "describe_differences",
     "dtype_code",
     "encode_abort",
     "encode_call",
@@ -153,10 +154,7 @@ class AbortRecord:
         if self.reason == Reason.PLAN and len(self.mismatch) >= 2:
             other, other_global = self.mismatch[:2]
             triples = [self.mismatch[i : i + 3] for i in range(2, len(self.mismatch) - 2, 3)]
-            diffs = "; ".join(
-                f"{_field_text(f, a)} on pipeline rank {self.rank}, {_field_text(f, b)} on pipeline rank {other}"
-                for f, a, b in triples if f > 0
-            )
+            diffs = describe_differences(triples, f"pipeline rank {self.rank}", f"pipeline rank {other}")
             return (
                 f"pipeline rank {self.rank} (global rank {self.global_rank}) and pipeline rank {other} (global rank "
                 f"{other_global}) were called with different arguments ({diffs or 'details lost'}); call the "
@@ -345,11 +343,16 @@ def call_differences(mine: list[int], theirs: list[int]) -> list[tuple[int, int,
     return [(i, a, b) for i, (a, b) in enumerate(zip(mine, theirs)) if i >= 1 and a != b]
 
 
+def describe_differences(differences: list[tuple[int, int, int]], mine: str, theirs: str) -> str:
+    """``differences`` from :func:`call_differences` in words: each value and the rank that has it."""
+    return "; ".join(f"{_field_text(f, a)} on {mine}, {_field_text(f, b)} on {theirs}" for f, a, b in differences if f > 0)
+
+
 def describe_call(values: list[int]) -> str:
     """The arguments a call record stands for, in the caller's words."""
     ndim = values[8]
     shape = f"activation shape {values[9 : 9 + ndim]}" if ndim else "variable activation shapes"
-    schedule = "1F1B" if values[2] == 1 else f"interleaved, v={values[2]} model chunks"
+    schedule = f"{'plain 1F1B' if values[2] == 1 else 'interleaved'}, v={values[2]} model chunks"
     return (
         f"p={values[1]}, {schedule}, num_microbatches={values[3]}, microbatch_group_size_per_vp_stage={values[4]}, "
         f"forward_only={bool(values[5])}, {_field_text(6, values[6])}, {_field_text(7, values[7])}, {shape}"

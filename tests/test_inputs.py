@@ -131,7 +131,7 @@ def test_an_iterator_that_runs_out_early_names_the_chunk_and_microbatch():
 @pytest.mark.parametrize(
     ("field", "value", "kind", "words"),
     [
-        ("p2p_timeout", 0, ValueError, "config.p2p_timeout must be a positive number of seconds, got 0"),
+        ("p2p_timeout", 0, ValueError, "config.p2p_timeout must be a number of seconds from 0.001 (1 ms) to 2592000 (30 days), got 0"),
         ("p2p_timeout", float("inf"), ValueError, "got inf"),
         ("p2p_timeout", "30", ValueError, "got '30'"),
         ("max_message_numel", 0, ValueError, "config.max_message_numel must be a positive integer, got 0"),
