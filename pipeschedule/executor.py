@@ -148,6 +148,7 @@ class PlanRunner(FailureHandling):
             headers=2 if config.variable_seq_lengths else 1 if config.check_p2p_shapes else 0,
             dtype=spec.dtype if spec is not None else config.pipeline_dtype,
             shape=spec.shape if spec is not None else None, device=self.device,
+            per_token=bool(config.calculate_per_token_loss), schedule=1 if getattr(plan, "zero_bubble", False) else 0,
         )
         return Handshake(self.link, record, timeout=config.p2p_timeout, v=plan.v)
 

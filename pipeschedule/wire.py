@@ -297,6 +297,12 @@ _FIELDS = {
 }
 
 
+# After the shape's MAX_NDIM dimensions (fields 9 .. 16): the loss rule and the schedule family.
+_PER_TOKEN = 9 + MAX_NDIM
+_SCHEDULE = _PER_TOKEN + 1
+SCHEDULE_NAMES = ("1F1B or interleaved 1F1B", "zero bubble")
+
+
 def _any_dtype_code(dtype: torch.dtype) -> int:
     """The wire code of any dtype: the table's, or one derived from its name (stable across processes)."""
     return _CODE.get(dtype) or 1000 + zlib.crc32(str(dtype).encode()) % 1_000_000
@@ -313,6 +319,10 @@ def _any_dtype_name(code: int) -> str:
 
 
 def _field_text(field: int, value: int) -> str:
+    if field == _PER_TOKEN:
+        return f"calculate_per_token_loss={bool(value)}"
+    if field == _SCHEDULE:
+        return SCHEDULE_NAMES[value] if 0 <= value < len(SCHEDULE_NAMES) else f"<schedule {value}>"
     if field == 5:
         return f"forward_only={bool(value)}"
     if field == 6:
@@ -321,20 +331,25 @@ def _field_text(field: int, value: int) -> str:
         return f"pipeline_dtype={_any_dtype_name(value)}"
     if field == 8:
         return "activation shapes that vary (variable_seq_lengths)" if value == 0 else f"an activation of {value} dimensions"
-    if field >= 9:
+    if 9 <= field < _PER_TOKEN:
         return f"activation dimension {field - 9} = {value}"
     return _FIELDS.get(field, "field {}={{}}".format(field)).format(value)
 
 
 def encode_call(
     *, p: int, v: int, m: int, group_size: int, forward_only: bool, headers: int, dtype: torch.dtype,
-    shape: tuple[int, ...] | None, device: torch.device,
+    shape: tuple[int, ...] | None, device: torch.device, per_token: bool = False, schedule: int = 0,
 ) -> torch.Tensor:
-    """The call record of a rank: equal, value for value, on two ranks called with the same arguments."""
+    """The call record of a rank: equal, value for value, on two ranks called with the same arguments.
+
+    ``schedule`` is the schedule family (:data:`SCHEDULE_NAMES`), ``per_token`` the loss rule
+    (``config.calculate_per_token_loss``): ranks that disagree on it would divide differently.
+    """
     dims = tuple(shape or ())[:MAX_NDIM]
     values = [0] * RECORD_LEN
     values[:9] = [CALL_MAGIC, p, v, m, group_size, int(forward_only), headers, _any_dtype_code(dtype), len(dims)]
     values[9 : 9 + len(dims)] = list(dims)
+    values[_PER_TOKEN], values[_SCHEDULE] = int(per_token), schedule
     return torch.tensor(values, dtype=torch.int64, device=device)
 
 
@@ -352,8 +367,12 @@ def describe_call(values: list[int]) -> str:
     """The arguments a call record stands for, in the caller's words."""
     ndim = values[8]
     shape = f"activation shape {values[9 : 9 + ndim]}" if ndim else "variable activation shapes"
-    schedule = f"{'plain 1F1B' if values[2] == 1 else 'interleaved'}, v={values[2]} model chunks"
+    if values[_SCHEDULE] == 1:
+        schedule = f"{'ZB-H1' if values[2] == 1 else 'interleaved zero bubble'}, v={values[2]} model chunks"
+    else:
+        schedule = f"{'plain 1F1B' if values[2] == 1 else 'interleaved'}, v={values[2]} model chunks"
     return (
         f"p={values[1]}, {schedule}, num_microbatches={values[3]}, microbatch_group_size_per_vp_stage={values[4]}, "
-        f"forward_only={bool(values[5])}, {_field_text(6, values[6])}, {_field_text(7, values[7])}, {shape}"
+        f"forward_only={bool(values[5])}, {_field_text(6, values[6])}, {_field_text(7, values[7])}, {shape}, "
+        f"{_field_text(_PER_TOKEN, values[_PER_TOKEN])}"
     )

@@ -115,9 +115,13 @@ class _Contender:
     recorder: Any = None
 
 
+NO_RECORD = "  no call record"  # the batched mode with the step's call records left out: what they cost
+
+
 def _ours(setup: Setup, chunks: list[SleepChunk], rank: int, recorder: Any, *, overlap: bool, deallocate: bool = False,
-          recv_window: int | None = None) -> _Contender:
+          recv_window: int | None = None, call_record: bool = True) -> _Contender:
     import pipeschedule as ps
+    from pipeschedule.runtime.executor import PlanRunner
 
     data = [torch.randn(BATCH, SEQ, HIDDEN) for _ in range(setup.m)]
     target = torch.zeros(BATCH, SEQ, HIDDEN)
@@ -133,7 +137,7 @@ def _ours(setup: Setup, chunks: list[SleepChunk], rank: int, recorder: Any, *, o
     interleaved = setup.v > 1
     func: Any = ps.forward_backward_pipelining_with_interleaving if interleaved else ps.forward_backward_pipelining_without_interleaving
 
-    def run() -> None:
+    def step() -> None:
         iterators = [iter(data) if rank == 0 and c == 0 else None for c in range(setup.v)]
         func(
             forward_step_func=forward_step, data_iterator=iterators if interleaved else iterators[0],
@@ -141,7 +145,18 @@ def _ours(setup: Setup, chunks: list[SleepChunk], rank: int, recorder: Any, *, o
             tensor_shape=(BATCH, SEQ, HIDDEN), config=config,
         )
 
-    return _Contender("pipeschedule+overlap" if overlap else "pipeschedule", run, chunks, recorder)
+    def run() -> None:
+        if call_record:
+            return step()
+        with_record = PlanRunner._handshake
+        PlanRunner._handshake = lambda self: None  # every rank alike: no rank sends or expects a record
+        try:
+            step()
+        finally:
+            PlanRunner._handshake = with_record
+
+    name = "pipeschedule+overlap" if overlap else "pipeschedule" if call_record else NO_RECORD
+    return _Contender(name, run, chunks, recorder)
 
 
 def _peer(setup: Setup, chunks: list[SleepChunk], rank: int) -> _Contender:
@@ -279,6 +294,9 @@ def _worker(rank: int, init_file: str, args: argparse.Namespace, setups: list[Se
             contenders = [_ours(setup, chunks, rank, TraceRecorder(), overlap=False),
                           _ours(setup, chunks, rank, recorder, overlap=True, recv_window=args.recv_window),
                           _peer(setup, chunks, rank), _floor(setup, chunks, rank)]
+            zero = setup.tf == 0 and setup.tb == 0
+            if zero:
+                contenders.append(_ours(setup, chunks, rank, TraceRecorder(), overlap=False, call_record=False))
             samples: dict[str, list[list[list[float]]]] = {c.name: [] for c in contenders}
             zero = setup.tf == 0 and setup.tb == 0
             reps = args.zero_reps if zero else args.reps
@@ -491,6 +509,9 @@ def main(argv: list[str] | None = None) -> int:
     if zero:
         print(f"\nzero compute ({args.zero_reps} measured steps each): overhead per action on the critical path")
         _print_overhead(zero)
+        mine, bare = _medians(zero, "pipeschedule"), _medians(zero, NO_RECORD)
+        print("call records, batched mode: " + ", ".join(
+            f"{(mine[key] / bare[key] - 1) * 100:+.1f} % (v{key[0]} m{key[1]})" for key in sorted(bare)))
     if args.png:
         print(f"\nwrote {args.png}")
     return 0

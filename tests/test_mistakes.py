@@ -120,6 +120,7 @@ def called(arg: tuple, rank: int, groups: dict) -> dict[str, Any] | None:
         variable_seq_lengths=mine.get("variable_seq_lengths", case.seq_lens is not None),
         check_p2p_shapes=mine.get("check_p2p_shapes", case.check_p2p_shapes), overlap_p2p_comm=case.overlap,
         deallocate_pipeline_outputs=case.deallocate, p2p_timeout=mine.get("p2p_timeout", case.p2p_timeout or TIMEOUT),
+        calculate_per_token_loss=mine.get("per_token", False),
     )
     schedule = ps.forward_backward_pipelining_with_interleaving if v > 1 else ps.forward_backward_pipelining_without_interleaving
     m = mine.get("m", case.m)
@@ -198,6 +199,8 @@ MISMATCHES = [
     ("check-p2p-shapes", Case("1f1b", p=4, v=1, m=4), 2, {"check_p2p_shapes": True}, ["no headers", "check_p2p_shapes=True"]),
     ("variable-seq-lengths", Case("interleaved", p=2, v=2, m=4, group="2-3"), 1, {"variable_seq_lengths": True},
      ["no headers", "variable_seq_lengths=True"]),
+    ("per-token-loss", Case("1f1b", p=4, v=1, m=4), 1, {"per_token": True},
+     ["calculate_per_token_loss=False", "calculate_per_token_loss=True"]),
 ]
 
 
