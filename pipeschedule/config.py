@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 
-from pipeschedule.plan import Action, Exchange
+from pipeschedule.plan.build import Action, Exchange
 
 __all__ = ["PipelineConfig", "ScheduleEvent"]
 
@@ -54,7 +54,7 @@ class PipelineConfig:
     to ``finalize_model_grads_func``, which divides the gradients (without a finalize function the
     schedule divides them itself, in ``param.main_grad`` where that exists, else ``param.grad``).
 
-    Hooks, called where Megatron-core calls them (:mod:`pipeschedule.sync`):
+    Hooks, called where Megatron-core calls them (:mod:`pipeschedule.runtime.sync`):
 
     * ``no_sync_func``: returns a context manager that suspends data-parallel gradient
       reduction; a list gives one per model chunk (entered and left together). Entered before the
@@ -85,13 +85,13 @@ class PipelineConfig:
       header raises instead of allocating.
     * ``overlap_p2p_comm``: post receives early, wait on each just before its tensor is used, send
       as soon as a tensor exists and wait on a step's sends one step later
-      (:mod:`pipeschedule.overlap`); proven on gloo.
+      (:mod:`pipeschedule.runtime.overlap`); proven on gloo.
     * ``overlap_recv_window``: with ``overlap_p2p_comm``, receives are posted up to this many
       steps ahead of need (at least 2), topped up half a window at a time. Each posted receive
       holds one message's buffer; a wider window costs that memory, and on gloo lets one wake-up
       of the sender serve several receives (``scripts/bench.py`` measures both).
     * ``deallocate_pipeline_outputs``: once a stage's output is handed to the send, its data is
-      released (:mod:`pipeschedule.memory`); the memory goes when the send is done, and backward
+      released (:mod:`pipeschedule.runtime.memory`); the memory goes when the send is done, and backward
       still works from the output's autograd graph.
     """
 
@@ -115,7 +115,7 @@ class PipelineConfig:
 
     @property
     def sends_headers(self) -> bool:
-        """Whether every message is preceded by a shape header (:mod:`pipeschedule.framed`)."""
+        """Whether every message is preceded by a shape header (:mod:`pipeschedule.wire.framed`)."""
         return bool(self.variable_seq_lengths or self.check_p2p_shapes)
 
 

@@ -23,7 +23,7 @@ class PeerFailedError(PipelineError):
 
     def __init__(self, message: str, *, record: Any = None) -> None:
         super().__init__(message)
-        # The pipeschedule.wire.AbortRecord this rank passes on to its other neighbours.
+        # The pipeschedule.wire.records.AbortRecord this rank passes on to its other neighbours.
         self.record = record
         self.failed_rank: int = getattr(record, "rank", -1)
         self.failed_global_rank: int = getattr(record, "global_rank", -1)

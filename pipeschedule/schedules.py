@@ -1,7 +1,7 @@
 """The three schedules, Megatron-core compatible, as plain functions.
 
-Each function validates its arguments (before any communication), asks :mod:`pipeschedule.plan`
-for this rank's plan and has :class:`~pipeschedule.executor.PlanRunner` execute it. They return the
+Each function validates its arguments (before any communication), asks :mod:`pipeschedule.plan.build`
+for this rank's plan and has :class:`~pipeschedule.runtime.executor.PlanRunner` execute it. They return the
 per-microbatch ``reduced_dict``s on the last pipeline stage and ``[]`` elsewhere.
 
 Typical use in a training loop::
@@ -25,11 +25,11 @@ from typing import Any
 import torch
 
 from pipeschedule.config import PipelineConfig, resolve_config
-from pipeschedule.executor import PlanRunner
-from pipeschedule.overlap import OverlappedRunner
-from pipeschedule.p2p import MAX_P2P_TIMEOUT, MIN_P2P_TIMEOUT, Neighbours, TensorSpec
-from pipeschedule.plan import build_plan
-from pipeschedule.wire import dtype_code
+from pipeschedule.runtime.executor import PlanRunner
+from pipeschedule.runtime.overlap import OverlappedRunner
+from pipeschedule.wire.p2p import MAX_P2P_TIMEOUT, MIN_P2P_TIMEOUT, Neighbours, TensorSpec
+from pipeschedule.plan.build import build_plan
+from pipeschedule.wire.records import dtype_code
 
 __all__ = [
     "forward_backward_no_pipelining",

@@ -5,7 +5,7 @@ autograd Function, so compute takes wall time but no CPU, and the measured step 
 plus its communication and Python overhead. p = 4 gloo processes on this machine run, for each
 configuration, our schedule and the peer's (``Schedule1F1B`` / ``ScheduleInterleaved1F1B``) on the
 same chunk modules, alternating which goes first, after warmup steps. The table gives the median
-step time (min-max), the simulated step time (:mod:`pipeschedule.simulate`, zero latency), the
+step time (min-max), the simulated step time (:mod:`pipeschedule.plan.simulate`, zero latency), the
 ratios, and the peak live chunk-activations measured inside the chunks next to the plan's.
 
 The zero-compute mode (``tf = tb = 0``) measures overhead: ``per action`` is the step time divided
@@ -200,7 +200,7 @@ def _floor(setup: Setup, chunks: list[SleepChunk], rank: int) -> _Contender:
     """
     import torch.distributed as dist
 
-    from pipeschedule.plan import build_pipeline
+    from pipeschedule.plan.build import build_pipeline
 
     plan = build_pipeline(p=P, v=setup.v, m=setup.m)[rank]
     actions = [(a, plan.input_message(a), plan.output_message(a)) for a in plan.actions]
@@ -264,7 +264,7 @@ MEMORY_MODES = [(False, False), (False, True), (True, False), (True, True)]  # (
 
 def _memory(setup: Setup, chunks: list[SleepChunk], rank: int, meter: Meter, recv_window: int | None) -> list[list[int | None]] | None:
     """Per mode of MEMORY_MODES, the peak bytes of stage inputs and outputs held per rank, over one step."""
-    from pipeschedule.trace import TraceRecorder
+    from pipeschedule.tools.trace import TraceRecorder
 
     peaks = []
     for overlap, deallocate in MEMORY_MODES:
@@ -279,7 +279,7 @@ def _memory(setup: Setup, chunks: list[SleepChunk], rank: int, meter: Meter, rec
 def _worker(rank: int, init_file: str, args: argparse.Namespace, setups: list[Setup], results: Any) -> None:
     import torch.distributed as dist
 
-    from pipeschedule.trace import TraceRecorder
+    from pipeschedule.tools.trace import TraceRecorder
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -339,9 +339,9 @@ def _path_row(setup: Setup, path: Any) -> list[float]:
 
 def _simulated(setup: Setup) -> tuple[float, list[int], float]:
     """(step time, the plan's peak live activations per rank, critical-path actions)."""
-    from pipeschedule.check import peak_live_activations
-    from pipeschedule.plan import build_pipeline
-    from pipeschedule.simulate import CostModel, simulate
+    from pipeschedule.plan.check import peak_live_activations
+    from pipeschedule.plan.build import build_pipeline
+    from pipeschedule.plan.simulate import CostModel, simulate
 
     plans = build_pipeline(p=P, v=setup.v, m=setup.m)
     sim = simulate(plans, cost=CostModel(tf=setup.tf, tb=setup.tb))

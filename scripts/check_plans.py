@@ -1,9 +1,9 @@
 """Prove the exchange-placement rule over every configuration of a range, every valid group size.
 
 For each ``(p, v, m, G, forward_only)`` with ``p <= --max-p``, ``v <= --max-v``, ``m <= --max-m``
-and every valid interleaved group size ``G``: the plans of :func:`pipeschedule.plan.build_plan`
-(placement by :func:`pipeschedule.plan.lockstep_receives`) must pass
-:func:`pipeschedule.check.check_pipeline`, and where the other placement passes too, its simulated
+and every valid interleaved group size ``G``: the plans of :func:`pipeschedule.plan.build.build_plan`
+(placement by :func:`pipeschedule.plan.build.lockstep_receives`) must pass
+:func:`pipeschedule.plan.check.check_pipeline`, and where the other placement passes too, its simulated
 step (``tf = 1``, ``tb = 2``) must be no shorter. Prints the counts and exits non-zero on the first
 failure. The test suite runs the default group sizes and a sample; this runs them all (minutes).
 
@@ -17,9 +17,9 @@ import argparse
 import sys
 import time
 
-from pipeschedule import plan as plan_module
-from pipeschedule.check import PlanError, check_pipeline
-from pipeschedule.simulate import CostModel, simulate
+from pipeschedule.plan import build as plan_module
+from pipeschedule.plan.check import PlanError, check_pipeline
+from pipeschedule.plan.simulate import CostModel, simulate
 
 
 def main() -> int:

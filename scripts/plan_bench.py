@@ -16,7 +16,7 @@ import argparse
 import statistics
 import time
 
-from pipeschedule import plan as plan_module
+from pipeschedule.plan import build as plan_module
 
 DEFAULT_GRID = ["4x1x16", "4x2x16", "8x4x64", "16x4x256", "16x8x512", "32x8x256", "64x2x1024"]
 

@@ -9,7 +9,7 @@
 Without ``RANK``/``WORLD_SIZE`` in the environment the script starts the ``p * dp`` processes
 itself (spawned, rendezvous through a temporary file) and waits for them with a time limit; under
 torchrun it uses the environment. Global rank ``g`` is pipeline rank ``g // dp`` of replica
-``g % dp`` (pipeline outermost, as in Megatron; see :mod:`pipeschedule.layout`).
+``g % dp`` (pipeline outermost, as in Megatron; see :mod:`pipeschedule.training.layout`).
 
 Rank 0 prints one Megatron-style line per iteration, with the validation loss every
 ``--eval-interval`` iterations (forward-only through the pipeline on the held-out split) and at
@@ -55,11 +55,11 @@ from trainer import (
     reference_training,
 )
 
-from pipeschedule.checkpoint import CheckpointError, find_latest, save_checkpoint
-from pipeschedule.layout import create_parallel_groups
-from pipeschedule.models import load_corpus, microbatches
-from pipeschedule.plan import build_plan
-from pipeschedule.trace import TraceRecorder
+from pipeschedule.training.checkpoint import CheckpointError, find_latest, save_checkpoint
+from pipeschedule.training.layout import create_parallel_groups
+from pipeschedule.training.models import load_corpus, microbatches
+from pipeschedule.plan.build import build_plan
+from pipeschedule.tools.trace import TraceRecorder
 
 CHECK_TOLERANCE = 1e-10
 

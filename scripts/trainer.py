@@ -4,14 +4,14 @@ One rank, Megatron style: build this rank's ``v`` chunks of a balanced partition
 DDP over the data-parallel group, and give the schedule the hooks that make the step correct:
 
 * ``no_sync_func`` / ``grad_sync_func``: one data-parallel all-reduce per chunk per step
-  (:class:`pipeschedule.data_parallel.DataParallelChunks`);
+  (:class:`pipeschedule.training.data_parallel.DataParallelChunks`);
 * ``finalize_model_grads_func``: the tied embedding / LM-head gradients summed across the first
-  and the last stage (:mod:`pipeschedule.tied`);
+  and the last stage (:mod:`pipeschedule.training.tied`);
 * ``grad_scale_func``: loss scaling, with every stage agreeing on overflow before the optimizer
-  step (:mod:`pipeschedule.mixed`).
+  step (:mod:`pipeschedule.training.mixed`).
 
 After the schedule, a step unscales, clips on the global norm over all stages (tied weights counted
-once, :mod:`pipeschedule.clip`) and takes the optimizer step at the learning rate of
+once, :mod:`pipeschedule.training.clip`) and takes the optimizer step at the learning rate of
 :func:`learning_rate` (linear warmup, cosine decay). :meth:`RankTrainer.evaluate` runs the same
 schedule ``forward_only`` on the held-out split, :meth:`RankTrainer.sample` generates text through
 it, and :meth:`RankTrainer.checkpoint_state` / :meth:`RankTrainer.load` are what a checkpoint holds.
@@ -33,13 +33,13 @@ import torch
 from torch import nn
 
 from pipeschedule import PipelineConfig
-from pipeschedule.checkpoint import load_checkpoint
-from pipeschedule.clip import clip_grad_norm, global_grad_norm, tied_copies_counted_elsewhere
-from pipeschedule.data_parallel import DataParallelChunks
-from pipeschedule.layout import ParallelGroups
-from pipeschedule.loss_report import mean_loss_everywhere
-from pipeschedule.mixed import DynamicLossScaler
-from pipeschedule.models import (
+from pipeschedule.training.checkpoint import load_checkpoint
+from pipeschedule.training.clip import clip_grad_norm, global_grad_norm, tied_copies_counted_elsewhere
+from pipeschedule.training.data_parallel import DataParallelChunks
+from pipeschedule.training.layout import ParallelGroups
+from pipeschedule.training.loss_report import mean_loss_everywhere
+from pipeschedule.training.mixed import DynamicLossScaler
+from pipeschedule.training.models import (
     GPTChunk,
     GPTConfig,
     build_gpt_chunks,
@@ -48,13 +48,13 @@ from pipeschedule.models import (
     make_forward_step,
     microbatches,
 )
-from pipeschedule.partition import Partition, partition_balanced
+from pipeschedule.training.partition import Partition, partition_balanced
 from pipeschedule.schedules import (
     forward_backward_no_pipelining,
     forward_backward_pipelining_with_interleaving,
     forward_backward_pipelining_without_interleaving,
 )
-from pipeschedule.tied import make_finalize_model_grads
+from pipeschedule.training.tied import make_finalize_model_grads
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class TrainSettings:
         return self.m * self.micro_batch_size * self.seq_length * self.dp
 
     def model_config(self) -> GPTConfig:
-        from pipeschedule.models import BYTE_VOCAB_SIZE
+        from pipeschedule.training.models import BYTE_VOCAB_SIZE
 
         return GPTConfig(
             vocab_size=BYTE_VOCAB_SIZE, seq_length=self.seq_length, hidden_size=self.hidden_size,
@@ -153,7 +153,7 @@ def layer_weights(config: GPTConfig) -> list[int]:
 
 
 def balanced_partition(settings: TrainSettings) -> Partition:
-    """Stages balanced by parameter count (:func:`pipeschedule.partition.partition_balanced`)."""
+    """Stages balanced by parameter count (:func:`pipeschedule.training.partition.partition_balanced`)."""
     return partition_balanced(weights=layer_weights(settings.model_config()), p=settings.p, v=settings.v)
 
 

@@ -1,9 +1,9 @@
 """Fault jobs on a pipeline × data-parallel grid (p = 2, dp = 2 on the pool's four workers).
 
-Each job builds its own groups with :func:`pipeschedule.layout.create_parallel_groups` (global
+Each job builds its own groups with :func:`pipeschedule.training.layout.create_parallel_groups` (global
 rank ``g`` is pipeline rank ``g // 2`` of replica ``g % 2``), wraps the chunks in
-:class:`pipeschedule.data_parallel.DataParallelChunks` and sums a tied weight over the embedding
-group with :func:`pipeschedule.tied.make_finalize_model_grads`, as a training loop would. One
+:class:`pipeschedule.training.data_parallel.DataParallelChunks` and sums a tied weight over the embedding
+group with :func:`pipeschedule.training.tied.make_finalize_model_grads`, as a training loop would. One
 global rank fails (it raises and stays alive, or is interrupted with SIGINT); every rank reports
 what it raised and when.
 """
@@ -80,9 +80,9 @@ def grid_job(case: GridCase, rank: int, groups: dict) -> dict[str, Any]:
     import torch.distributed as dist
 
     import pipeschedule as ps
-    from pipeschedule.data_parallel import DataParallelChunks
-    from pipeschedule.layout import create_parallel_groups
-    from pipeschedule.tied import make_finalize_model_grads
+    from pipeschedule.training.data_parallel import DataParallelChunks
+    from pipeschedule.training.layout import create_parallel_groups
+    from pipeschedule.training.tied import make_finalize_model_grads
 
     timeout = timedelta(seconds=case.group_timeout) if case.group_timeout is not None else None
     grid = create_parallel_groups(p=P, dp=DP, timeout=timeout)

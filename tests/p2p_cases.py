@@ -17,7 +17,7 @@ def helper_round_trips(group_name: str, rank: int, groups: dict) -> dict[str, An
     """Every helper once on the ring of ``group_name``; returns what each received (first element)."""
     from pool import GROUPS
 
-    from pipeschedule import p2p
+    from pipeschedule.wire import p2p
 
     if rank not in GROUPS[group_name]:
         return None

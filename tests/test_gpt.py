@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeschedule.models import (
+from pipeschedule.training.models import (
     BYTE_VOCAB_SIZE,
     GPTChunk,
     GPTConfig,
@@ -18,7 +18,7 @@ from pipeschedule.models import (
     microbatches,
     window_order,
 )
-from pipeschedule.partition import Partition, partition_balanced, partition_uniform
+from pipeschedule.training.partition import Partition, partition_balanced, partition_uniform
 
 _CONFIG = GPTConfig(
     vocab_size=BYTE_VOCAB_SIZE,

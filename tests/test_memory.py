@@ -7,9 +7,9 @@ import torch
 
 import pipeschedule as ps
 from cases import Case, reference
-from pipeschedule.executor import run_backward
-from pipeschedule.memory import held_bytes, release_output
-from pipeschedule.trace import TraceRecorder
+from pipeschedule.runtime.executor import run_backward
+from pipeschedule.runtime.memory import held_bytes, release_output
+from pipeschedule.tools.trace import TraceRecorder
 from test_hooks import run
 
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeschedule.partition import Partition, partition_balanced, partition_uniform
+from pipeschedule.training.partition import Partition, partition_balanced, partition_uniform
 
 _SETTINGS = settings(max_examples=150, deadline=None)
 

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeschedule import plan as plan_module
-from pipeschedule.check import PlanError, check_pipeline, peak_live_activations
-from pipeschedule.plan import (
+from pipeschedule.plan import build as plan_module
+from pipeschedule.plan.check import PlanError, check_pipeline, peak_live_activations
+from pipeschedule.plan.build import (
     Exchange,
     Message,
     RankPlan,
@@ -21,7 +21,7 @@ from pipeschedule.plan import (
     order_table,
     phase_counts,
 )
-from pipeschedule.simulate import CostModel, simulate
+from pipeschedule.plan.simulate import CostModel, simulate
 
 
 @st.composite

@@ -10,7 +10,7 @@ from pool import JobError
 from test_schedules_gloo import GROUP_FOR_P, check_against_reference
 
 from pipeschedule.errors import CorruptHeaderError
-from pipeschedule.wire import DATA_MAGIC, RECORD_LEN, AbortRecord, Reason, decode, encode_abort, encode_header
+from pipeschedule.wire.records import DATA_MAGIC, RECORD_LEN, AbortRecord, Reason, decode, encode_abort, encode_header
 
 
 @st.composite
@@ -82,8 +82,8 @@ def _send_corrupt_header(_arg, rank, groups):
     """Rank 2 sends garbage where rank 3 expects a header; rank 3 runs the receiving side."""
     import torch.distributed as dist
 
-    from pipeschedule.framed import Incoming, PendingSends, framed_exchange
-    from pipeschedule.p2p import Neighbours
+    from pipeschedule.wire.framed import Incoming, PendingSends, framed_exchange
+    from pipeschedule.wire.p2p import Neighbours
 
     group = dist.new_group([2, 3])
     if rank == 2:

@@ -1,4 +1,4 @@
-"""The command line of ``python -m pipeschedule.show``: the grid, the summary, errors and the PNG."""
+"""The command line of ``python -m pipeschedule.tools.show``: the grid, the summary, errors and the PNG."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeschedule.show import main
+from pipeschedule.tools.show import main
 
 
 def _rows(out: str) -> dict[int, str]:
@@ -73,11 +73,11 @@ def test_bad_arguments_exit_2_with_the_message(argv: list[str], message: str, ca
 
 
 def test_module_runs_as_a_script(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    # In-process stand-in for `python -m pipeschedule.show ...`: same __main__ path, no new interpreter.
-    monkeypatch.delitem(sys.modules, "pipeschedule.show", raising=False)  # as a fresh `-m` run
-    monkeypatch.setattr(sys, "argv", ["pipeschedule.show", "--p", "4", "--v", "2", "--m", "3"])
+    # In-process stand-in for `python -m pipeschedule.tools.show ...`: same __main__ path, no new interpreter.
+    monkeypatch.delitem(sys.modules, "pipeschedule.tools.show", raising=False)  # as a fresh `-m` run
+    monkeypatch.setattr(sys, "argv", ["pipeschedule.tools.show", "--p", "4", "--v", "2", "--m", "3"])
     with pytest.raises(SystemExit) as caught:
-        runpy.run_module("pipeschedule.show", run_name="__main__", alter_sys=True)
+        runpy.run_module("pipeschedule.tools.show", run_name="__main__", alter_sys=True)
     assert caught.value.code == 2
     assert capsys.readouterr().err.startswith("error: the interleaved schedule needs")
 

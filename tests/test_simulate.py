@@ -18,9 +18,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeschedule.check import PlanError, check_pipeline
-from pipeschedule.plan import Exchange, Message, RankPlan, Step, build_pipeline
-from pipeschedule.simulate import CostModel, Time, simulate
+from pipeschedule.plan.check import PlanError, check_pipeline
+from pipeschedule.plan.build import Exchange, Message, RankPlan, Step, build_pipeline
+from pipeschedule.plan.simulate import CostModel, Time, simulate
 
 FAST = settings(max_examples=40, deadline=None)
 times = st.integers(min_value=1, max_value=6).map(Fraction)

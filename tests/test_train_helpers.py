@@ -11,18 +11,18 @@ import train_cases
 from trainer import OneProcessModel, TrainSettings, layer_weights, learning_rate
 
 from pipeschedule import PipelineConfig, forward_backward_pipelining_with_interleaving
-from pipeschedule.clip import clip_grad_norm, global_grad_norm, tied_copies_counted_elsewhere
-from pipeschedule.layout import RankLayout
-from pipeschedule.loss_report import mean_loss_everywhere
-from pipeschedule.mixed import DynamicLossScaler, agree_found_inf, local_found_inf
-from pipeschedule.models import (
+from pipeschedule.training.clip import clip_grad_norm, global_grad_norm, tied_copies_counted_elsewhere
+from pipeschedule.training.layout import RankLayout
+from pipeschedule.training.loss_report import mean_loss_everywhere
+from pipeschedule.training.mixed import DynamicLossScaler, agree_found_inf, local_found_inf
+from pipeschedule.training.models import (
     build_gpt_chunks,
     load_corpus,
     make_forward_step,
     microbatches,
     window_order,
 )
-from pipeschedule.tied import (
+from pipeschedule.training.tied import (
     make_finalize_model_grads,
     sum_tied_embedding_grads,
     tied_embedding_weights,

@@ -17,8 +17,8 @@ from train_cases import eval_job, resume_job, small_settings
 from trainer import OneProcessModel
 
 from pipeschedule import forward_backward_no_pipelining
-from pipeschedule.checkpoint import CheckpointError, find_latest, save_checkpoint
-from pipeschedule.models import generate, load_corpus, make_forward_step, microbatches
+from pipeschedule.training.checkpoint import CheckpointError, find_latest, save_checkpoint
+from pipeschedule.training.models import generate, load_corpus, make_forward_step, microbatches
 
 _SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 _TINY = ["--p", "2", "--schedule", "1f1b", "--m", "2", "--num-layers", "2", "--hidden-size", "16", "--num-heads", "2",

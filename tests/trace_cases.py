@@ -1,4 +1,4 @@
-"""Jobs for the worker pool that run a schedule with a :class:`~pipeschedule.trace.TraceRecorder`."""
+"""Jobs for the worker pool that run a schedule with a :class:`~pipeschedule.tools.trace.TraceRecorder`."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def run_traced(job: TracedCase, rank: int, groups: dict) -> dict[str, Any] | Non
     from pool import GROUPS
 
     import pipeschedule as ps
-    from pipeschedule.trace import TraceRecorder
+    from pipeschedule.tools.trace import TraceRecorder
 
     case = job.case
     ranks = GROUPS[case.group]

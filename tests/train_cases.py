@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from trainer import RankTrainer, TrainSettings, layout_manifest
 
-from pipeschedule.checkpoint import save_checkpoint
-from pipeschedule.layout import create_parallel_groups
-from pipeschedule.mixed import agree_found_inf
-from pipeschedule.tied import make_finalize_model_grads, tied_embedding_weights
+from pipeschedule.training.checkpoint import save_checkpoint
+from pipeschedule.training.layout import create_parallel_groups
+from pipeschedule.training.mixed import agree_found_inf
+from pipeschedule.training.tied import make_finalize_model_grads, tied_embedding_weights
 
 
 def small_settings(*, p: int, v: int, dp: int, m: int = 4, steps: int = 3, clip_grad: float = 1.0) -> TrainSettings:

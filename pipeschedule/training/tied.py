@@ -8,14 +8,14 @@ identical gradients, any element-wise optimizer (SGD, Adam, ...) keeps the copie
 
 Which Parameter is a tied copy is asked of the chunk: a chunk that has
 ``shared_embedding_weight()`` returns its copy or ``None`` (see
-:meth:`pipeschedule.models.GPTChunk.shared_embedding_weight`). Wrappers such as
+:meth:`pipeschedule.training.models.GPTChunk.shared_embedding_weight`). Wrappers such as
 ``DistributedDataParallel`` are looked through via ``.module``.
 
 Cases, by where the copies are:
 
 * ``p > 1``: one copy on the first and one on the last rank of each pipeline; their gradients are
   all-reduced (sum) over the two-rank embedding group
-  (:attr:`pipeschedule.layout.ParallelGroups.embedding`).
+  (:attr:`pipeschedule.training.layout.ParallelGroups.embedding`).
 * ``p = 1, v > 1``: both copies on one rank (chunk 0 and chunk ``v - 1``): summed locally.
 * ``p = 1, v = 1``: one chunk is first and last and uses a single Parameter: nothing to do.
 """
@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeschedule.notice import bounded_collective, declare_groups
-from pipeschedule.wrapped import inner_module
+from pipeschedule import bounded_collective, declare_groups
+from pipeschedule import inner_module
 
 __all__ = ["make_finalize_model_grads", "sum_tied_embedding_grads", "tied_embedding_weights"]
 

@@ -11,7 +11,7 @@ element, so the activation's memory goes as soon as nothing else uses it:
   holds its own reference to that storage. The gradient stays exact, and that output's memory is
   simply not freed. ``held_bytes`` shows which case a model is in.
 
-Backward then runs through :func:`pipeschedule.executor.run_backward`, which does not compare the
+Backward then runs through :func:`pipeschedule.runtime.executor.run_backward`, which does not compare the
 gradient with the output's (now one-element) data; autograd still checks it against the shape the
 output had when it was made.
 """

@@ -22,7 +22,7 @@ Layout (index: meaning)::
             1 check_p2p_shapes, 2 variable_seq_lengths), 7 dtype code, 8 ndim (0: shapes vary),
             9..16 dims
 
-A *call record* is the first message on each channel of every step (:mod:`pipeschedule.handshake`):
+A *call record* is the first message on each channel of every step (:mod:`pipeschedule.wire.handshake`):
 the arguments the sending rank was called with, so two ranks called differently find out before
 any activation is sent.
 """

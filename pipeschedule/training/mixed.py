@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeschedule.notice import bounded_collective
+from pipeschedule import bounded_collective
 
 __all__ = ["DynamicLossScaler", "agree_found_inf", "local_found_inf"]
 
@@ -46,7 +46,7 @@ def agree_found_inf(
 
     Collective over ``group``; ``None`` means the default group when ``torch.distributed`` is
     initialised and this rank alone otherwise. ``device`` is where the flag travels (CPU for gloo,
-    the current GPU for NCCL). The wait is bounded (:func:`pipeschedule.notice.bounded_collective`):
+    the current GPU for NCCL). The wait is bounded (:func:`pipeschedule.wire.notice.bounded_collective`):
     inside a step (a hook) by ``config.p2p_timeout`` and the step's failure notices, outside by
     ``timeout`` seconds (``None``: the process group's own timeout); a member that failed or hangs
     raises :class:`~pipeschedule.errors.PeerFailedError` instead of a hang.

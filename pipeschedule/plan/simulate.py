@@ -1,6 +1,6 @@
 """A discrete-event simulation of a whole-pipeline plan: when each action runs, with no processes.
 
-The semantics are those of :func:`pipeschedule.check.check_pipeline`, with time added:
+The semantics are those of :func:`pipeschedule.plan.check.check_pipeline`, with time added:
 
 * every rank posts its ``first`` exchange at time 0;
 * after an exchange completes, the rank runs the next step's actions back to back, then posts
@@ -15,8 +15,8 @@ The semantics are those of :func:`pipeschedule.check.check_pipeline`, with time 
 
 Every time is a ``max`` of sums of earlier times, so every figure is monotone in each cost and in
 the latency. Which operations eventually complete does not depend on the costs at all, so a plan
-fails here exactly when :func:`~pipeschedule.check.check_pipeline` rejects it (a deadlock, or a
-message meeting a receive meant for another): the simulation raises :class:`~pipeschedule.check.PlanError` with the rank x step grid, marking where
+fails here exactly when :func:`~pipeschedule.plan.check.check_pipeline` rejects it (a deadlock, or a
+message meeting a receive meant for another): the simulation raises :class:`~pipeschedule.plan.check.PlanError` with the rank x step grid, marking where
 each stuck rank stopped and saying whom it waits for.
 
 Costs may be ``float`` or :class:`fractions.Fraction`; with fractions every figure is exact.
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import TypeAlias
 
-from pipeschedule.check import PlanError, number_operations, peak_live_activations, render_grid
-from pipeschedule.plan import Action, Message, RankPlan
+from pipeschedule.plan.check import PlanError, number_operations, peak_live_activations, render_grid
+from pipeschedule.plan.build import Action, Message, RankPlan
 
 __all__ = ["CostModel", "RankTimeline", "Simulation", "TimedAction", "TimedExchange", "simulate"]
 

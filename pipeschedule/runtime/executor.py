@@ -1,4 +1,4 @@
-"""Runs one rank's :class:`~pipeschedule.plan.RankPlan`: its actions and exchanges, in order.
+"""Runs one rank's :class:`~pipeschedule.plan.build.RankPlan`: its actions and exchanges, in order.
 
 The executor makes no scheduling decision of its own; the plan says what runs and which batch
 carries which message. What it adds is the bookkeeping between them:
@@ -10,7 +10,7 @@ carries which message. What it adds is the bookkeeping between them:
 
 All three are empty again when a step ends; anything left over is a bug and raises.
 
-When anything raises, :mod:`pipeschedule.abort` tells the neighbours and names the failed rank,
+When anything raises, :mod:`pipeschedule.runtime.abort` tells the neighbours and names the failed rank,
 so every rank raises and none hangs.
 """
 
@@ -25,18 +25,18 @@ from typing import Any
 
 import torch
 
-from pipeschedule.abort import FailureHandling
+from pipeschedule.runtime.abort import FailureHandling
 from pipeschedule.config import PipelineConfig, ScheduleEvent
 from pipeschedule.errors import ShapeMismatchError
-from pipeschedule.framed import Incoming, PendingSends, framed_exchange
-from pipeschedule.handshake import Handshake
-from pipeschedule.memory import held_bytes, release_output
-from pipeschedule.notice import FailureBoard
-from pipeschedule.p2p import Neighbours, TensorSpec, exchange
-from pipeschedule.plan import Action, Exchange, Message, RankPlan, Step
-from pipeschedule.sync import GradSync
-from pipeschedule.wire import Reason, encode_call, plan_fingerprint
-from pipeschedule.wrapped import inner_module
+from pipeschedule.wire.framed import Incoming, PendingSends, framed_exchange
+from pipeschedule.wire.handshake import Handshake
+from pipeschedule.runtime.memory import held_bytes, release_output
+from pipeschedule.wire.notice import FailureBoard
+from pipeschedule.wire.p2p import Neighbours, TensorSpec, exchange
+from pipeschedule.plan.build import Action, Exchange, Message, RankPlan, Step
+from pipeschedule.runtime.sync import GradSync
+from pipeschedule.wire.records import Reason, encode_call, plan_fingerprint
+from pipeschedule.runtime.wrapped import inner_module
 
 _NOTHING = contextlib.nullcontext()
 
@@ -65,7 +65,7 @@ def run_backward(output: torch.Tensor, grad: torch.Tensor | None) -> None:
     """Backpropagate ``grad`` from ``output`` into the graph, accumulating into ``.grad`` as usual.
 
     Unlike ``torch.autograd.backward`` this skips the Python-side comparison of ``grad`` with
-    ``output``'s current data, so it also works after :func:`pipeschedule.memory.release_output`
+    ``output``'s current data, so it also works after :func:`pipeschedule.runtime.memory.release_output`
     has freed that data; autograd itself still checks ``grad`` against the shape recorded when
     ``output`` was made. ``grad=None`` is allowed for a one-element output (a loss).
     """
@@ -141,7 +141,7 @@ class PlanRunner(FailureHandling):
         self.handshake = self._handshake() if plan.p > 1 else None
 
     def _handshake(self) -> Handshake:
-        """The call record this rank opens the step with (:mod:`pipeschedule.handshake`)."""
+        """The call record this rank opens the step with (:mod:`pipeschedule.wire.handshake`)."""
         plan, config, spec = self.plan, self.config, self.spec
         record = encode_call(
             p=plan.p, v=plan.v, m=plan.m, group_size=plan.group_size, forward_only=plan.forward_only,

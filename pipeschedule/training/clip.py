@@ -8,7 +8,7 @@ one-process norm:
 * Data-parallel replicas are not summed over: after the data-parallel all-reduce every replica
   holds the same (averaged) gradients, so one pipeline's sum is already the whole model's, and
   every replica computes the same norm from the same numbers.
-* A tied weight (token embedding and LM head, :mod:`pipeschedule.tied`) is one weight in the model
+* A tied weight (token embedding and LM head, :mod:`pipeschedule.training.tied`) is one weight in the model
   but a Parameter on two stages, both holding the summed gradient. It counts once: only the copy
   in chunk 0 of pipeline rank 0 (the first stage's embedding) enters the sum.
   :func:`tied_copies_counted_elsewhere` names the others.
@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeschedule.tied import tied_embedding_weights
+from pipeschedule.training.tied import tied_embedding_weights
 
 __all__ = ["clip_grad_norm", "global_grad_norm", "tied_copies_counted_elsewhere"]
 

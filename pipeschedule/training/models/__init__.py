@@ -1,8 +1,8 @@
 """Models and data built for pipeline parallelism: a chunked GPT and a byte-level corpus."""
 
-from pipeschedule.models.chardata import BYTE_VOCAB_SIZE, load_corpus, microbatches, window_order
-from pipeschedule.models.generate import generate
-from pipeschedule.models.gpt import GPTChunk, GPTConfig, build_gpt_chunks, make_forward_step
+from pipeschedule.training.models.chardata import BYTE_VOCAB_SIZE, load_corpus, microbatches, window_order
+from pipeschedule.training.models.generate import generate
+from pipeschedule.training.models.gpt import GPTChunk, GPTConfig, build_gpt_chunks, make_forward_step
 
 __all__ = [
     "BYTE_VOCAB_SIZE",

@@ -1,7 +1,7 @@
 """Exchanges in which every tensor is preceded by its header (``variable_seq_lengths``, ``check_p2p_shapes``).
 
 A receiver cannot allocate a buffer before it knows the shape, so a message becomes two transfers
-on its channel: the header (:mod:`pipeschedule.wire`), then the data. The protocol of one exchange:
+on its channel: the header (:mod:`pipeschedule.wire.records`), then the data. The protocol of one exchange:
 
 1. post every send of the exchange at once, header then data for each message, in plan order;
    do not wait for them (they are kept in :class:`PendingSends`);
@@ -10,7 +10,7 @@ on its channel: the header (:mod:`pipeschedule.wire`), then the data. The protoc
 Why this cannot deadlock. A receive completes as soon as its sender has posted the matching send,
 and a rank posts all sends of an exchange on entering it, before it waits on anything. So an
 exchange here completes once every rank it *receives from* has entered its matching exchange. The
-plan's proof (:func:`pipeschedule.check.check_pipeline`) lets an exchange complete only once every
+plan's proof (:func:`pipeschedule.plan.check.check_pipeline`) lets an exchange complete only once every
 rank it sends to or receives from has entered its matching exchange, a stronger condition; any
 order in which the plan's exchanges complete is therefore an order in which these complete too.
 The sends are waited on when the step ends, when every rank has posted every receive.
@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 
 from pipeschedule.errors import RESTART, PeerFailedError, PipelineError, ShapeMismatchError
-from pipeschedule.p2p import Neighbours, TensorSpec, post, wait_bounded
-from pipeschedule.wire import RECORD_LEN, AbortRecord, decode, describe_fingerprint, encode_header
+from pipeschedule.wire.p2p import Neighbours, TensorSpec, post, wait_bounded
+from pipeschedule.wire.records import RECORD_LEN, AbortRecord, decode, describe_fingerprint, encode_header
 
 __all__ = ["Incoming", "PendingSends", "framed_exchange"]
 

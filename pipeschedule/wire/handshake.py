@@ -5,15 +5,15 @@ Ranks called with different arguments (``num_microbatches``, number of chunks, g
 ``forward_only``, activation shape or dtype, header mode) run plans whose messages differ in size
 or order. Received as data, such a message is read into a buffer of the wrong size (gloo aborts
 the process) or into the wrong buffer (silent garbage), or never comes (a timeout). So each rank
-opens every step by posting, to both ring neighbours, a :data:`~pipeschedule.wire.RECORD_LEN`
-int64 record of its arguments (:func:`pipeschedule.wire.encode_call`), and a receive for theirs.
+opens every step by posting, to both ring neighbours, a :data:`~pipeschedule.wire.records.RECORD_LEN`
+int64 record of its arguments (:func:`pipeschedule.wire.records.encode_call`), and a receive for theirs.
 
 The record from a neighbour is checked right before this rank's first exchange with it (a send or
 a receive), and the rest at the end of the step. Every rank checks before it sends a neighbour
 anything, so a neighbour called differently never receives data from this rank, nor this rank
 from it: both raise :class:`~pipeschedule.errors.ArgumentMismatchError` with both sides'
 arguments, and each tells its *other* neighbour (whose record matched) through the usual abort
-notices (:mod:`pipeschedule.abort`), so every rank raises.
+notices (:mod:`pipeschedule.runtime.abort`), so every rank raises.
 
 Why it cannot deadlock or cross messages: the record and the receive for it are the first
 operations each rank posts on each channel, and every receive completes once its sender has
@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 
 from pipeschedule.errors import RESTART, ArgumentMismatchError, CorruptHeaderError
-from pipeschedule.p2p import Neighbours, post_recv, post_send, wait_bounded
-from pipeschedule.wire import CALL_MAGIC, RECORD_LEN, AbortRecord, Reason, call_differences, describe_call, describe_differences
+from pipeschedule.wire.p2p import Neighbours, post_recv, post_send, wait_bounded
+from pipeschedule.wire.records import CALL_MAGIC, RECORD_LEN, AbortRecord, Reason, call_differences, describe_call, describe_differences
 
 __all__ = ["Handshake"]
 

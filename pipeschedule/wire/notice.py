@@ -14,8 +14,8 @@ Scope. A notice is kept per process group and per step: the key is the group's n
 step's serial number on that group, which every member counts the same way (one per schedule
 call, kept in the store, so nothing lives in this module). A step watches its pipeline group and
 the groups its hooks declare with :func:`declare_groups` (the data-parallel group of
-:class:`pipeschedule.data_parallel.DataParallelChunks`, the embedding group of
-:func:`pipeschedule.tied.make_finalize_model_grads`); a failing rank writes its notice to each of
+:class:`pipeschedule.training.data_parallel.DataParallelChunks`, the embedding group of
+:func:`pipeschedule.training.tied.make_finalize_model_grads`); a failing rank writes its notice to each of
 them, so a fault in one pipeline reaches the other replicas through their shared groups.
 
 Why waits run on a thread. A gloo wait cannot be interrupted, and a gloo wait that times out closes
@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from pipeschedule.errors import RESTART, PeerFailedError
-from pipeschedule.wire import RECORD_LEN, AbortRecord, encode_abort, read_abort_marker
+from pipeschedule.wire.records import RECORD_LEN, AbortRecord, encode_abort, read_abort_marker
 
 __all__ = ["FailureBoard", "Notice", "bounded_collective", "current_board", "declare_groups"]
 

@@ -2,11 +2,11 @@
 
 When anything raises on this rank (the user's functions, a shape check, a neighbour's failure),
 the runner tells each neighbour it still owes a message: an abort record takes that message's
-place on the channel (:mod:`pipeschedule.wire`), so the neighbour raises at once, naming the
+place on the channel (:mod:`pipeschedule.wire.records`), so the neighbour raises at once, naming the
 failed rank, and passes the news on. A rank that died is noticed by the backend or by the bounded
 wait (``config.p2p_timeout``). Either way every rank raises, none hangs.
 
-:class:`FailureHandling` holds that part of :class:`pipeschedule.executor.PlanRunner`; it reads the
+:class:`FailureHandling` holds that part of :class:`pipeschedule.runtime.executor.PlanRunner`; it reads the
 runner's state (plan, link, spec, what has been sent and received) and never raises from
 :meth:`FailureHandling._abort`: the original error is what the caller must see.
 """
@@ -22,14 +22,14 @@ import torch
 import torch.distributed as dist
 
 from pipeschedule.errors import RESTART, ArgumentMismatchError, PeerFailedError, PipelineError, ShapeMismatchError
-from pipeschedule.framed import Incoming, framed_exchange
-from pipeschedule.notice import FailureBoard, Notice, declared_groups
-from pipeschedule.p2p import TensorSpec, exchange, wait_bounded
-from pipeschedule.plan import Action, Message, build_plan
-from pipeschedule.wire import RECORD_LEN, AbortRecord, Reason, dtype_code, encode_abort, read_abort_marker, write_abort_into
+from pipeschedule.wire.framed import Incoming, framed_exchange
+from pipeschedule.wire.notice import FailureBoard, Notice, declared_groups
+from pipeschedule.wire.p2p import TensorSpec, exchange, wait_bounded
+from pipeschedule.plan.build import Action, Message, build_plan
+from pipeschedule.wire.records import RECORD_LEN, AbortRecord, Reason, dtype_code, encode_abort, read_abort_marker, write_abort_into
 
 if TYPE_CHECKING:
-    from pipeschedule.executor import PlanRunner
+    from pipeschedule.runtime.executor import PlanRunner
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ TELL_GRACE_S = 0.5  # how long a failing rank lets its channel notices go out be
 
 
 class FailureHandling:
-    """The failure half of :class:`~pipeschedule.executor.PlanRunner` (see the module docstring)."""
+    """The failure half of :class:`~pipeschedule.runtime.executor.PlanRunner` (see the module docstring)."""
 
     def _raise_if_abort(self: PlanRunner, tensor: torch.Tensor, msg: Message | None, *, from_rank: int | None = None) -> None:
         """With fixed shapes an abort record arrives in place of the data; recognise it by its marker."""
@@ -121,7 +121,7 @@ class FailureHandling:
     def _abort(self: PlanRunner, exc: BaseException) -> None:
         """Tell the whole job that the step is lost, then the neighbours; never raises.
 
-        First the notice on the failure board (:mod:`pipeschedule.notice`): every rank of the job
+        First the notice on the failure board (:mod:`pipeschedule.wire.notice`): every rank of the job
         watches it while it waits, so each raises within a poll of it, whatever it waits on. Then
         the channel notices (:meth:`_tell_neighbours`), on a thread of their own that this rank
         waits for at most :data:`TELL_GRACE_S`: the failing rank raises its own error at once, and

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeschedule.partition import Partition
-from pipeschedule.wrapped import inner_module
+from pipeschedule.training.partition import Partition
+from pipeschedule import inner_module
 
 __all__ = ["GPTChunk", "GPTConfig", "build_gpt_chunks", "make_forward_step"]
 
@@ -292,7 +292,7 @@ def build_gpt_chunks(
     """This rank's ``v`` chunks, in chunk order; chunk ``c`` is stage ``c * p + rank``.
 
     ``layer_ranges`` holds the ranges of *all* ``p * v`` stages in stage order (a
-    :class:`~pipeschedule.partition.Partition` or its ``stage_ranges``); they must be contiguous
+    :class:`~pipeschedule.training.partition.Partition` or its ``stage_ranges``); they must be contiguous
     and cover ``0 .. num_layers - 1``. Chunks are built on the CPU; move them with ``.to``.
     """
     for name, value, low in (("p", p, 1), ("v", v, 1), ("rank", rank, 0)):

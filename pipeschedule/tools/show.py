@@ -1,6 +1,6 @@
 """Show a simulated pipeline step: a rank x time grid in text, and optionally a PNG timeline.
 
-Run as ``python -m pipeschedule.show --p 4 --v 2 --m 8 [--group-size G] [--forward-only]
+Run as ``python -m pipeschedule.tools.show --p 4 --v 2 --m 8 [--group-size G] [--forward-only]
 [--tf 1 --tb 2] [--latency 0] [--png FILE]``. Each action is drawn where it starts in simulated
 time (``F3``: forward of microbatch 3; ``F3.1``: microbatch 3 through chunk 1); dots are time a
 rank spends idle. Below the grid: the step time, the bubble fraction and the peak live
@@ -15,9 +15,9 @@ import sys
 from collections.abc import Sequence
 from fractions import Fraction
 
-from pipeschedule.check import PlanError
-from pipeschedule.plan import build_pipeline
-from pipeschedule.simulate import CostModel, Simulation, Time, simulate
+from pipeschedule.plan.check import PlanError
+from pipeschedule.plan.build import build_pipeline
+from pipeschedule.plan.simulate import CostModel, Simulation, Time, simulate
 
 __all__ = ["main", "render_summary", "render_timeline", "save_png"]
 
@@ -168,7 +168,7 @@ def save_png(simulation: Simulation, *, path: str, title: str | None = None, tim
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeschedule.show", description="Simulate one pipeline step and show its timeline."
+        prog="python -m pipeschedule.tools.show", description="Simulate one pipeline step and show its timeline."
     )
     parser.add_argument("--p", type=int, required=True, help="pipeline ranks")
     parser.add_argument("--v", type=int, default=1, help="chunks per rank (1: plain 1F1B)")

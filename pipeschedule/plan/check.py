@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from pipeschedule.plan import Message, RankPlan
+from pipeschedule.plan.build import Message, RankPlan
 
 __all__ = ["PlanError", "check_pipeline", "number_operations", "peak_live_activations", "render_grid"]
 

@@ -20,7 +20,7 @@ plan instead of counters:
 * ``param_sync_func`` (interleaved only): chunks 0 and 1 before the first forward, chunk
   ``c >= 2`` before forward ``k`` where forward ``k + r`` is chunk ``c - 1``'s first.
 
-:class:`pipeschedule.executor.PlanRunner` calls :meth:`GradSync.before` and :meth:`GradSync.after`
+:class:`pipeschedule.runtime.executor.PlanRunner` calls :meth:`GradSync.before` and :meth:`GradSync.after`
 around every action, :meth:`GradSync.finish` after the last one and :meth:`GradSync.close` always.
 """
 
@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from pipeschedule.config import PipelineConfig
-from pipeschedule.plan import Action
+from pipeschedule.plan.build import Action
 
 Mode = Literal["none", "1f1b", "interleaved"]
 _ENABLE, _DISABLE, _GRAD_SYNC, _PARAM_SYNC = "enable", "disable", "grad_sync", "param_sync"

@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 
 from pipeschedule.errors import RESTART, PeerFailedError
-from pipeschedule.notice import current_board
-from pipeschedule.wire import AbortRecord, Reason
+from pipeschedule.wire.notice import current_board
+from pipeschedule.wire.records import AbortRecord, Reason
 
 __all__ = [
     "Neighbours",
@@ -142,7 +142,7 @@ def _as_wait(timeout: float) -> timedelta:
 def wait_bounded(work: dist.Work, *, link: Neighbours, peer: int, what: str, timeout: float | None) -> None:
     """``work.wait()``, at most ``timeout`` seconds (``None``: unbounded); failures name ``peer``.
 
-    Inside a step the wait also watches the job's failure notices (:mod:`pipeschedule.notice`)
+    Inside a step the wait also watches the job's failure notices (:mod:`pipeschedule.wire.notice`)
     and raises as soon as any rank reports a failure, naming that rank.
     """
     board = current_board()

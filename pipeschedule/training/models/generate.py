@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeschedule.models.gpt import GPTChunk
-from pipeschedule.wrapped import inner_module
+from pipeschedule.training.models.gpt import GPTChunk
+from pipeschedule import inner_module
 
 __all__ = ["generate"]
 

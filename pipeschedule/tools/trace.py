@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from pipeschedule.config import ScheduleEvent
-from pipeschedule.plan import Action
+from pipeschedule.plan.build import Action
 
 __all__ = ["CriticalPath", "PipelineTrace", "TraceRecorder", "TracedEvent"]
 
@@ -227,10 +227,10 @@ class PipelineTrace:
     def save_timeline_png(self, path: str, *, title: str | None = None) -> None:
         """The pipeline-diagram picture of the measured actions (needs matplotlib).
 
-        Drawn by :func:`pipeschedule.show.save_png`, the same picture as a simulated step, with
+        Drawn by :func:`pipeschedule.tools.show.save_png`, the same picture as a simulated step, with
         time in milliseconds; gaps are time a rank spent outside actions (waiting, mostly).
         """
-        from pipeschedule.show import save_png
+        from pipeschedule.tools.show import save_png
 
         picture = _as_simulation(self)
         if title is None:
@@ -371,9 +371,9 @@ def _clock_offset(*, group: dist.ProcessGroup | None, me: int, size: int) -> flo
 
 
 def _as_simulation(trace: PipelineTrace) -> Any:
-    """The measured actions dressed as a :class:`~pipeschedule.simulate.Simulation`, times in ms,
+    """The measured actions dressed as a :class:`~pipeschedule.plan.simulate.Simulation`, times in ms,
     so that the simulator's picture draws them."""
-    from pipeschedule.simulate import CostModel, RankTimeline, Simulation, TimedAction
+    from pipeschedule.plan.simulate import CostModel, RankTimeline, Simulation, TimedAction
 
     v = trace.v
     step = trace.span() * 1e3

@@ -3,7 +3,7 @@
 Nothing here touches ``torch.distributed``: these functions take the pipeline size ``p``, the rank
 ``r``, the chunks per rank ``v`` and the microbatch count ``m`` and return what rank ``r`` does, in
 order. The schedule functions in :mod:`pipeschedule.schedules` execute exactly these plans, and the
-checks in :mod:`pipeschedule.check` prove properties of them without starting a process.
+checks in :mod:`pipeschedule.plan.check` prove properties of them without starting a process.
 
 Invariants of every plan (tested with hypothesis):
 
@@ -16,7 +16,7 @@ Invariants of every plan (tested with hypothesis):
 Communication is part of the plan. A rank's step is one action, or in the interleaved steady phase
 a forward and a backward, followed by one *exchange*: a batch of sends and receives posted
 together and waited on together. Which exchange carries which message is decided here, once, so
-that :func:`pipeschedule.check.check_pipeline` can prove for every configuration that each send
+that :func:`pipeschedule.plan.check.check_pipeline` can prove for every configuration that each send
 meets its receive in posting order and that no rank waits forever.
 """
 
@@ -377,7 +377,7 @@ def lockstep_receives(*, p: int, v: int, m: int, group_size: int, forward_only: 
     step of a single group only a little larger than the pipeline (``G = m``,
     ``G - p <= (p - 3) // 2``), where it is valid and shorter.
     ``tests/test_plan.py`` proves it for every configuration with ``p <= 8, v <= 4, m <= 32``: the
-    plans it makes pass :func:`pipeschedule.check.check_pipeline`, and where the other placement
+    plans it makes pass :func:`pipeschedule.plan.check.check_pipeline`, and where the other placement
     passes too, the rule's simulated step is no longer.
     """
     if p == 1 or v == 1 or group_size <= p:

@@ -13,7 +13,7 @@ Megatron's own DDP only gates its hooks with ``no_sync``; torch's DDP needs a di
   ``no_sync()`` clears) is cleared for good at construction. ``config.no_sync_func`` is still the
   list of the chunks' ``ddp.no_sync``, so the schedule can enter and leave it where Megatron-core
   does (where Megatron's DDP starts a reduction), and leaving it restores the cleared flag;
-* ``config.grad_sync_func`` (called where Megatron-core calls it, :mod:`pipeschedule.sync`)
+* ``config.grad_sync_func`` (called where Megatron-core calls it, :mod:`pipeschedule.runtime.sync`)
   averages a chunk's gradients over the data-parallel group itself: one flattened all-reduce per
   chunk and dtype, then a division by ``dp``. Megatron-core does not call it everywhere (1F1B's
   first pipeline rank leaves the reduction to its DDP hooks), so ``config.finalize_model_grads_func``
@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeschedule.notice import bounded_collective, declare_groups
+from pipeschedule import bounded_collective, declare_groups
 
 __all__ = ["DataParallelChunks"]
 

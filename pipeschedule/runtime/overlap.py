@@ -27,7 +27,7 @@ Why it cannot deadlock: a rank waits on a receive only right before the action t
 and on a send a step after the strict plan would have; every receive is posted no later than the
 strict plan posts it. So each wait comes no earlier than the plan's own exchange waited for the same
 operation, with its peer's side posted no later, and the plan's strict exchanges are proven
-deadlock-free (:func:`pipeschedule.check.check_pipeline`): delaying waits and advancing posts
+deadlock-free (:func:`pipeschedule.plan.check.check_pipeline`): delaying waits and advancing posts
 removes reasons to block and adds none. On every channel both sides post in the plan's
 order, so each tensor lands in the buffer meant for it.
 
@@ -37,7 +37,7 @@ receive can hold back a later send. The batched default (``overlap_p2p_comm=Fals
 proven for NCCL. With headers (``variable_seq_lengths`` or ``check_p2p_shapes``) the schedules use the
 default mode, whose framed exchange already leaves sends unwaited.
 
-On a failure, neighbours are told as in the default mode (:mod:`pipeschedule.abort`), and what a
+On a failure, neighbours are told as in the default mode (:mod:`pipeschedule.runtime.abort`), and what a
 neighbour still sends this rank is taken, so that a neighbour this rank owes nothing more can
 finish its step instead of timing out: receives already posted for those messages are waited on,
 the rest are posted then.
@@ -51,16 +51,16 @@ from typing import Any
 import torch
 
 from pipeschedule.config import ScheduleEvent
-from pipeschedule.executor import PlanRunner
-from pipeschedule.p2p import post_recv, post_send, wait_bounded
-from pipeschedule.plan import Action, Exchange, Message, Step
-from pipeschedule.wire import read_abort_marker
+from pipeschedule.runtime.executor import PlanRunner
+from pipeschedule.wire.p2p import post_recv, post_send, wait_bounded
+from pipeschedule.plan.build import Action, Exchange, Message, Step
+from pipeschedule.wire.records import read_abort_marker
 from pipeschedule.errors import PeerFailedError
 
 __all__ = ["OverlappedRunner"]
 
 class OverlappedRunner(PlanRunner):
-    """A :class:`~pipeschedule.executor.PlanRunner` that overlaps communication with compute (``p > 1``)."""
+    """A :class:`~pipeschedule.runtime.executor.PlanRunner` that overlaps communication with compute (``p > 1``)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
