@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 
-from pipeschedule.plan.build import Action, Exchange
+from pipeschedule.plan import Action, Exchange
 
 __all__ = ["PipelineConfig", "ScheduleEvent"]
 

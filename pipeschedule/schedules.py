@@ -28,7 +28,7 @@ from pipeschedule.config import PipelineConfig, resolve_config
 from pipeschedule.runtime.executor import PlanRunner
 from pipeschedule.runtime.overlap import OverlappedRunner
 from pipeschedule.wire.p2p import MAX_P2P_TIMEOUT, MIN_P2P_TIMEOUT, Neighbours, TensorSpec
-from pipeschedule.plan.build import build_plan
+from pipeschedule.plan import build_plan
 from pipeschedule.wire.records import dtype_code
 
 __all__ = [

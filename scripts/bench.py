@@ -200,7 +200,7 @@ def _floor(setup: Setup, chunks: list[SleepChunk], rank: int) -> _Contender:
     """
     import torch.distributed as dist
 
-    from pipeschedule.plan.build import build_pipeline
+    from pipeschedule.plan import build_pipeline
 
     plan = build_pipeline(p=P, v=setup.v, m=setup.m)[rank]
     actions = [(a, plan.input_message(a), plan.output_message(a)) for a in plan.actions]
@@ -340,7 +340,7 @@ def _path_row(setup: Setup, path: Any) -> list[float]:
 def _simulated(setup: Setup) -> tuple[float, list[int], float]:
     """(step time, the plan's peak live activations per rank, critical-path actions)."""
     from pipeschedule.plan.check import peak_live_activations
-    from pipeschedule.plan.build import build_pipeline
+    from pipeschedule.plan import build_pipeline
     from pipeschedule.plan.simulate import CostModel, simulate
 
     plans = build_pipeline(p=P, v=setup.v, m=setup.m)

@@ -38,8 +38,8 @@ def main() -> int:
                 for g in sizes:
                     for fo in (False, True):
                         rule = plan_module.lockstep_receives(p=p, v=v, m=m, group_size=g, forward_only=fo)
-                        chosen = [plan_module._plan(p, r, v, m, fo, g, rule) for r in range(p)]
-                        other = [plan_module._plan(p, r, v, m, fo, g, not rule) for r in range(p)]
+                        chosen = [plan_module._plan(p, r, v, m, fo, g, "1f1b", rule) for r in range(p)]
+                        other = [plan_module._plan(p, r, v, m, fo, g, "1f1b", not rule) for r in range(p)]
                         counts["configurations"] += 1
                         try:
                             check_pipeline(chosen)

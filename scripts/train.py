@@ -58,7 +58,7 @@ from trainer import (
 from pipeschedule.training.checkpoint import CheckpointError, find_latest, save_checkpoint
 from pipeschedule.training.layout import create_parallel_groups
 from pipeschedule.training.models import load_corpus, microbatches
-from pipeschedule.plan.build import build_plan
+from pipeschedule.plan import build_plan
 from pipeschedule.tools.trace import TraceRecorder
 
 CHECK_TOLERANCE = 1e-10

@@ -18,7 +18,7 @@ from bench_cases import bench_contenders
 from pool import JobError
 
 from pipeschedule.plan.check import peak_live_activations
-from pipeschedule.plan.build import build_pipeline
+from pipeschedule.plan import build_pipeline
 
 _SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 

@@ -15,7 +15,7 @@ from cases import Case, fault_time_file, run_case, run_fault_case
 from pool import GROUPS, JobError
 from test_schedules_gloo import GROUP_FOR_P
 
-from pipeschedule.plan.build import build_plan
+from pipeschedule.plan import build_plan
 
 TIMEOUT = 3.0  # config.p2p_timeout of these tests
 SLACK = 2.0  # scheduling noise on a shared two-core machine

@@ -9,7 +9,7 @@ chunk = (k mod p·v) div p, microbatch = (k div p·v)·p + k mod p; backwards vi
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeschedule.plan.build import build_plan
+from pipeschedule.plan import build_plan
 
 
 def megatron_order(p, r, v, m, forward_only):

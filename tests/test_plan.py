@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from pipeschedule.plan import build as plan_module
 from pipeschedule.plan.check import PlanError, check_pipeline, peak_live_activations
-from pipeschedule.plan.build import (
+from pipeschedule.plan import (
     Exchange,
     Message,
     RankPlan,
@@ -201,8 +201,8 @@ def test_check_catches_a_deadlock():
 
 # -- the placement rule -------------------------------------------------------------------------
 
-def _placed(p, r, v, m, fo, g, lockstep):
-    return plan_module._plan(p, r, v, m, fo, g, lockstep)
+def _placed(p, r, v, m, fo, g, lockstep, schedule="1f1b"):
+    return plan_module._plan(p, r, v, m, fo, g, schedule, lockstep)
 
 
 def test_the_rule_makes_deadlock_free_plans_for_every_default_configuration():
@@ -245,8 +245,8 @@ def test_large_pipelines_are_deadlock_free(cfg):
 def test_a_rank_is_planned_from_its_neighbours_alone(monkeypatch):
     # O(m v) per rank: the steps of ranks r - 1, r and r + 1 are built, no others.
     built = []
-    real = plan_module._step_groups
-    monkeypatch.setattr(plan_module, "_step_groups", lambda p, q, *args: built.append(q) or real(p, q, *args))
+    real = plan_module._steps
+    monkeypatch.setattr(plan_module, "_steps", lambda p, q, *args: built.append(q) or real(p, q, *args))
     plan_module._plan.cache_clear()
     build_plan(p=16, r=5, v=2, m=32)
     assert sorted(built) == [4, 5, 6]

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from cases import BATCH, HIDDEN, SEQ, Case, reference, run_case
 from pool import JobError
 
-from pipeschedule.plan.build import build_plan
+from pipeschedule.plan import build_plan
 
 GROUP_FOR_P = {2: ["0-1", "2-3"], 3: ["1-3", "0-2"], 4: ["all"]}
 

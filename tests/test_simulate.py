@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeschedule.plan.check import PlanError, check_pipeline
-from pipeschedule.plan.build import Exchange, Message, RankPlan, Step, build_pipeline
+from pipeschedule.plan import Exchange, Message, RankPlan, Step, build_pipeline
 from pipeschedule.plan.simulate import CostModel, Time, simulate
 
 FAST = settings(max_examples=40, deadline=None)

@@ -17,7 +17,7 @@ from trace_cases import TracedCase, run_traced
 
 import pipeschedule as ps
 from pipeschedule.config import ScheduleEvent
-from pipeschedule.plan.build import Action, Exchange, Message, build_plan
+from pipeschedule.plan import Action, Exchange, Message, build_plan
 from pipeschedule.tools.trace import PipelineTrace, TraceRecorder
 
 
@@ -223,7 +223,7 @@ def test_a_trace_of_two_steps_is_refused() -> None:
 @pytest.mark.parametrize(("p", "v", "m"), [(2, 1, 3), (4, 1, 8), (4, 2, 8), (3, 2, 5), (4, 3, 12)])
 @pytest.mark.parametrize("latency", [0.0, 0.3])
 def test_the_critical_path_of_a_simulated_step_adds_up_to_the_step(p: int, v: int, m: int, latency: float) -> None:
-    from pipeschedule.plan.build import build_pipeline
+    from pipeschedule.plan import build_pipeline
     from pipeschedule.plan.simulate import CostModel, simulate
 
     sim = simulate(build_pipeline(p=p, v=v, m=m), cost=CostModel(tf=1.0, tb=2.0, latency=latency))

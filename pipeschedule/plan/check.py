@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from pipeschedule.plan.build import Message, RankPlan
+from pipeschedule.plan.steps import BACKWARDS, RELEASES, Message, RankPlan
 
-__all__ = ["PlanError", "check_pipeline", "number_operations", "peak_live_activations", "render_grid"]
+__all__ = ["PlanError", "check_pipeline", "number_operations", "peak_awaiting_backward", "peak_live_activations", "render_grid"]
 
 
 class PlanError(RuntimeError):
@@ -41,13 +41,12 @@ def _channels(plans: list[RankPlan]) -> tuple[dict, dict]:
     """Per directed rank pair, the messages in the order the sender posts them and the receiver does."""
     sent: dict[tuple[int, int], list[Message]] = defaultdict(list)
     expected: dict[tuple[int, int], list[Message]] = defaultdict(list)
-    p = plans[0].p
     for plan in plans:
         for ex in plan.exchanges:
             for msg in ex.sends:
-                sent[(plan.r, msg.dst_stage % p)].append(msg)
+                sent[(plan.r, plan.rank_of(msg.dst_stage))].append(msg)
             for msg in ex.recvs:
-                expected[(msg.src_stage % p, plan.r)].append(msg)
+                expected[(plan.rank_of(msg.src_stage), plan.r)].append(msg)
     return sent, expected
 
 
@@ -78,8 +77,8 @@ def number_operations(plan: RankPlan) -> list[list[Operation]]:
     seen: dict[tuple[str, tuple[int, int]], int] = defaultdict(int)
     rows = []
     for ex in plan.exchanges:
-        ops = [("send", (plan.r, msg.dst_stage % plan.p)) for msg in ex.sends]
-        ops += [("recv", (msg.src_stage % plan.p, plan.r)) for msg in ex.recvs]
+        ops = [("send", (plan.r, plan.rank_of(msg.dst_stage))) for msg in ex.sends]
+        ops += [("recv", (plan.rank_of(msg.src_stage), plan.r)) for msg in ex.recvs]
         row = []
         for op in ops:
             row.append((op[0], op[1], seen[op]))
@@ -130,7 +129,7 @@ def check_pipeline(plans: list[RankPlan]) -> None:
                 pending.extend(peer for _, channel, _ in numbered[rank][position[rank]] for peer in channel if peer != rank)
     stuck = {rank: position[rank] for rank in range(p) if position[rank] < len(numbered[rank])}
     if stuck:
-        marks = {rank: sum(len(s.actions) for s in plans[rank].steps[:i]) for rank, i in stuck.items()}
+        marks = {rank: sum(len(s.actions) + len(s.fill) for s in plans[rank].steps[:i]) for rank, i in stuck.items()}
         raise PlanError(
             f"the plan deadlocks: ranks {sorted(stuck)} wait forever at the marked steps\n"
             f"{render_grid(plans, marks=marks)}"
@@ -140,12 +139,29 @@ def check_pipeline(plans: list[RankPlan]) -> None:
 def peak_live_activations(plan: RankPlan) -> int:
     """The most chunk-activations rank ``plan.r`` holds at once, waiting for their backward.
 
-    Forward-only plans keep nothing for a backward; their figure is the one in flight, 1.
+    An activation is held from its forward until its whole backward is done: ``B``, or in a
+    zero-bubble plan its weight pass ``W`` (which needs the saved tensors too). Forward-only plans
+    keep nothing for a backward; their figure is the one in flight, 1.
     """
+    return _peak(plan, RELEASES)
+
+
+def peak_awaiting_backward(plan: RankPlan) -> int:
+    """The most chunk-activations whose input-gradient pass (``B`` or ``I``) has not run yet.
+
+    Equal to :func:`peak_live_activations` for plans without a split backward.
+    """
+    return _peak(plan, BACKWARDS)
+
+
+def _peak(plan: RankPlan, ends: tuple[str, ...]) -> int:
     if plan.forward_only:
         return 1 if plan.actions else 0
     live = peak = 0
     for action in plan.actions:
-        live += 1 if action.kind == "F" else -1
-        peak = max(peak, live)
+        if action.kind == "F":
+            live += 1
+            peak = max(peak, live)
+        elif action.kind in ends:
+            live -= 1
     return peak

@@ -4,7 +4,8 @@ The semantics are those of :func:`pipeschedule.plan.check.check_pipeline`, with 
 
 * every rank posts its ``first`` exchange at time 0;
 * after an exchange completes, the rank runs the next step's actions back to back, then posts
-  that step's exchange and waits for it;
+  that step's exchange, runs the step's fill (weight passes, which carry no message) and waits for
+  the exchange: the next step starts once both are done;
 * the ``j``-th send from rank ``a`` to rank ``b`` meets the ``j``-th receive ``b`` posts from ``a``
   (posting order, never tags). The transfer starts once both sides have posted and takes the
   cost model's ``latency``; the receive *and the send* complete when it ends, because under
@@ -30,8 +31,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import TypeAlias
 
-from pipeschedule.plan.check import PlanError, number_operations, peak_live_activations, render_grid
-from pipeschedule.plan.build import Action, Message, RankPlan
+from pipeschedule.plan.check import PlanError, number_operations, peak_awaiting_backward, peak_live_activations, render_grid
+from pipeschedule.plan.steps import Action, Message, RankPlan
 
 __all__ = ["CostModel", "RankTimeline", "Simulation", "TimedAction", "TimedExchange", "simulate"]
 
@@ -44,36 +45,53 @@ Time: TypeAlias = "float | Fraction"  # only +, -, / and max are used
 class CostModel:
     """How long things take.
 
-    ``tf`` and ``tb`` are the forward and backward times of a *whole microbatch through one rank's
-    share of the model*, so with ``v`` chunks per rank one chunk costs ``tf / v`` and ``tb / v``.
-    ``overrides`` replaces that for single chunks: entries ``(rank, chunk, forward, backward)``
-    give the time of that one chunk on that rank (not divided by ``v``). ``latency`` is the time a
-    message takes between two ranks once both sides have posted it.
+    ``tf``, ``tb`` and ``tw`` are the forward, input-gradient and weight-gradient times of a *whole
+    microbatch through one rank's share of the model*, so with ``v`` chunks per rank one chunk
+    costs ``tf / v``, ``tb / v`` and ``tw / v``. A whole backward ``B`` costs ``(tb + tw) / v``;
+    a zero-bubble plan's ``I`` costs ``tb / v`` and its ``W`` ``tw / v``. With ``tw = 0`` (the
+    default) ``tb`` is the whole backward, as before the split existed.
+    ``overrides`` replaces that for single chunks: entries ``(rank, chunk, forward, backward)`` or
+    ``(rank, chunk, forward, backward, weight)`` give the times of that one chunk on that rank (not
+    divided by ``v``). ``latency`` is the time a message takes between two ranks once both sides
+    have posted it.
     """
 
     tf: Time = 1.0
     tb: Time = 2.0
     latency: Time = 0
-    overrides: tuple[tuple[int, int, Time, Time], ...] = ()
+    overrides: tuple[tuple[Time, ...], ...] = ()
+    tw: Time = 0
 
     def __post_init__(self) -> None:
-        for name in ("tf", "tb", "latency"):
+        for name in ("tf", "tb", "tw", "latency"):
             value = getattr(self, name)
             if isinstance(value, bool) or not value >= 0 or value == float("inf"):
                 raise ValueError(f"CostModel.{name} must be a finite number >= 0, got {value!r}")
         for entry in self.overrides:
-            if len(entry) != 4 or not all(x >= 0 for x in entry):
+            if len(entry) not in (4, 5) or not all(x >= 0 for x in entry):
                 raise ValueError(
-                    f"each CostModel override is (rank, chunk, forward_time, backward_time) with "
-                    f"non-negative entries, got {entry!r}"
+                    f"each CostModel override is (rank, chunk, forward_time, backward_time) or (rank, chunk, "
+                    f"forward_time, backward_time, weight_time) with non-negative entries, got {entry!r}"
                 )
 
     def duration(self, action: Action, *, rank: int, v: int) -> Time:
         """The time ``action`` takes on ``rank`` in a plan with ``v`` chunks per rank."""
-        for r, chunk, forward, backward in self.overrides:
-            if r == rank and chunk == action.chunk:
-                return forward if action.kind == "F" else backward
-        return (self.tf if action.kind == "F" else self.tb) / v
+        for entry in self.overrides:
+            if entry[0] == rank and entry[1] == action.chunk:
+                forward, backward, weight = entry[2], entry[3], entry[4] if len(entry) == 5 else 0
+                return _by_kind(action.kind, forward, backward, weight)
+        # An int 0 stays 0 (0 / v would be a float, and would make Fraction costs inexact).
+        return _by_kind(action.kind, self.tf / v, self.tb / v, self.tw / v if self.tw else self.tw)
+
+
+def _by_kind(kind: str, forward: Time, backward: Time, weight: Time) -> Time:
+    if kind == "F":
+        return forward
+    if kind == "I":
+        return backward
+    if kind == "W":
+        return weight
+    return backward + weight  # "B": both halves
 
 
 @dataclass(frozen=True)
@@ -89,21 +107,31 @@ class TimedAction:
 class TimedExchange:
     """Exchange number ``index`` of a rank (0 is ``first``, ``i`` follows step ``i - 1``).
 
-    ``completed - posted`` is the time the rank spent blocked on it.
+    ``filled`` is when the step's fill (its weight passes) ended, ``posted`` when there is none;
+    ``completed`` is when the rank went on: the exchange done and the fill too. ``completed -
+    filled`` is the time the rank spent blocked on it.
     """
 
     index: int
     posted: Time
     completed: Time
+    filled: Time | None = None
+
+    @property
+    def blocked(self) -> Time:
+        return self.completed - (self.posted if self.filled is None else self.filled)
 
 
 @dataclass(frozen=True)
 class RankTimeline:
     """What one rank did and when.
 
-    ``warmup`` is the plan's warmup count ``W``. ``end`` is when its last exchange completed; ``busy`` the sum of its action times; ``wait``
-    the time it spent blocked in exchanges. ``busy + wait == end``; the rank then idles until the
-    step time. ``bubble_fraction = 1 - busy / step_time``.
+    ``warmup`` is the plan's warmup count ``W``. ``end`` is when its last exchange completed;
+    ``busy`` the sum of its action times (fills included); ``wait`` the time it spent blocked in
+    exchanges. ``busy + wait == end``; the rank then idles until the step time.
+    ``bubble_fraction = 1 - busy / step_time``. ``peak_live_activations`` counts activations held
+    until their whole backward (``B`` or ``W``), ``peak_awaiting_backward`` those whose ``B`` or
+    ``I`` has not run.
     """
 
     rank: int
@@ -115,6 +143,7 @@ class RankTimeline:
     end: Time
     bubble_fraction: float
     peak_live_activations: int
+    peak_awaiting_backward: int = 0
 
 
 @dataclass(frozen=True)
@@ -173,10 +202,17 @@ class _Replay:
         self.position = [0] * self.p  # the exchange each rank has posted and waits on
         self.posted: list[list[Time]] = [[] for _ in plans]
         self.completed: list[list[Time]] = [[] for _ in plans]
+        self.filled: list[list[Time]] = [[] for _ in plans]  # when each exchange's fill ended
         self.timed: list[list[TimedAction]] = [[] for _ in plans]
 
-    def post(self, rank: int, at: Time) -> None:
+    def post(self, rank: int, at: Time, fill: tuple[Action, ...] = ()) -> None:
         self.posted[rank].append(at)
+        clock = at
+        for action in fill:  # runs while the exchange is in flight
+            end = clock + self.cost.duration(action, rank=rank, v=self.plans[rank].v)
+            self.timed[rank].append(TimedAction(action=action, start=clock, end=end))
+            clock = end
+        self.filled[rank].append(clock)
         ops = self.numbered[rank][self.position[rank]]
         for (kind, channel, _), msg in zip(ops, self.messages[rank][self.position[rank]]):
             sides = self.channels[channel]
@@ -184,7 +220,7 @@ class _Replay:
 
     def finish_time(self, rank: int) -> Time | None:
         """When the posted exchange completes, or ``None`` while some peer has not posted."""
-        done = self.posted[rank][-1]
+        done = self.filled[rank][-1]
         for kind, (a, b), j in self.numbered[rank][self.position[rank]]:
             channel = self.channels[(a, b)]
             if kind == "send" and a == b:
@@ -212,11 +248,12 @@ class _Replay:
             if self.position[rank] > last:
                 break
             clock = done
-            for action in plan.steps[self.position[rank] - 1].actions:
+            step = plan.steps[self.position[rank] - 1]
+            for action in step.actions:
                 end = clock + self.cost.duration(action, rank=rank, v=plan.v)
                 self.timed[rank].append(TimedAction(action=action, start=clock, end=end))
                 clock = end
-            self.post(rank, clock)
+            self.post(rank, clock, step.fill)
         return moved
 
     def blocked_on(self, rank: int) -> str:
@@ -231,13 +268,21 @@ class _Replay:
         raise AssertionError(f"rank {rank} is not stuck")
 
 
-def simulate(plans: list[RankPlan], *, cost: CostModel | None = None) -> Simulation:
+def simulate(plans: list[RankPlan], *, cost: CostModel | None = None, overlapped: bool = False) -> Simulation:
     """Time every action and exchange of ``plans`` (one :class:`RankPlan` per rank, by rank).
+
+    ``overlapped=False`` times the batched mode (the module docstring). ``overlapped=True`` times
+    the overlapped mode (``config.overlap_p2p_comm``) with an unbounded receive window: every
+    receive is posted ahead, an action waits only for the message it consumes (sent ``latency``
+    earlier), and a send never holds its sender back. The exchanges are then no points of
+    waiting; each rank's timeline has none.
 
     Raises :class:`PlanError` if a message meets a receive meant for another message, or if the
     plan deadlocks (some rank waits forever); the error shows the grid with where each rank stopped.
     """
     p = _validate(plans)
+    if overlapped:
+        return _simulate_overlapped(plans, cost or CostModel())
     replay = _Replay(plans, cost or CostModel())
     for rank in range(p):
         replay.post(rank, 0)  # an int 0 keeps Fraction costs exact
@@ -250,13 +295,13 @@ def simulate(plans: list[RankPlan], *, cost: CostModel | None = None) -> Simulat
             progress = replay.advance(rank) or progress
     stuck = [rank for rank in range(p) if replay.position[rank] < len(replay.numbered[rank])]
     if stuck:
-        marks = {rank: sum(len(s.actions) for s in plans[rank].steps[: replay.position[rank]]) for rank in stuck}
+        marks = {rank: sum(len(s.actions) + len(s.fill) for s in plans[rank].steps[: replay.position[rank]]) for rank in stuck}
         reasons = "\n".join(replay.blocked_on(rank) for rank in stuck)
         raise PlanError(
             f"the plan deadlocks: ranks {stuck} wait forever at the marked points\n{reasons}\n"
             f"{render_grid(plans, marks=marks)}"
         )
-    return _result(plans, replay.cost, replay.timed, replay.posted, replay.completed)
+    return _result(plans, replay.cost, replay.timed, replay.posted, replay.completed, replay.filled)
 
 
 def _result(
@@ -265,26 +310,32 @@ def _result(
     timed: list[list[TimedAction]],
     posted: list[list[Time]],
     completed: list[list[Time]],
+    filled: list[list[Time]],
+    *,
+    waits: list[Time] | None = None,
+    no_exchanges: bool = False,
 ) -> Simulation:
     ends = [done[-1] for done in completed]
     step_time = max(ends)
     ranks = []
-    for plan, actions, post_times, done_times, end in zip(plans, timed, posted, completed, ends):
+    for rank, (plan, actions, post_times, done_times, fill_times, end) in enumerate(zip(plans, timed, posted, completed, filled, ends)):
         busy = sum((a.end - a.start for a in actions), 0)
-        wait = sum((d - s for s, d in zip(post_times, done_times)), 0)
+        wait = waits[rank] if waits is not None else sum((d - f for f, d in zip(fill_times, done_times)), 0)
         ranks.append(
             RankTimeline(
                 rank=plan.r,
                 warmup=plan.counts.warmup,
                 actions=tuple(actions),
-                exchanges=tuple(
-                    TimedExchange(index=i, posted=s, completed=d) for i, (s, d) in enumerate(zip(post_times, done_times))
+                exchanges=() if no_exchanges else tuple(
+                    TimedExchange(index=i, posted=s, completed=d, filled=f if f != s else None)
+                    for i, (s, d, f) in enumerate(zip(post_times, done_times, fill_times))
                 ),
                 busy=busy,
                 wait=wait,
                 end=end,
                 bubble_fraction=float(1 - busy / step_time) if step_time else 0.0,
                 peak_live_activations=peak_live_activations(plan),
+                peak_awaiting_backward=peak_awaiting_backward(plan),
             )
         )
     total_busy = sum(rank.busy for rank in ranks)
@@ -301,3 +352,44 @@ def _result(
         step_time=step_time,
         bubble_fraction=float(1 - total_busy / (first.p * step_time)) if step_time else 0.0,
     )
+
+
+def _simulate_overlapped(plans: list[RankPlan], cost: CostModel) -> Simulation:
+    """Each rank runs its actions in order; an action starts once the rank is free and its input was sent."""
+    from pipeschedule.plan.check import check_pipeline  # the message order on every channel must match
+
+    check_pipeline(plans)  # matching and freedom from deadlock under the strictest semantics
+    p = len(plans)
+    sent: dict[Message, Time] = {}
+    timed: list[list[TimedAction]] = [[] for _ in plans]
+    position, free = [0] * p, [0] * p
+    sequences = [plan.actions for plan in plans]
+    progress = True
+    while progress:
+        progress = False
+        for rank, plan in enumerate(plans):
+            actions = sequences[rank]
+            while position[rank] < len(actions):
+                action = actions[position[rank]]
+                msg = plan.input_message(action)
+                if msg is not None and msg not in sent:
+                    break
+                start = free[rank] if msg is None else max(free[rank], sent[msg] + cost.latency)
+                end = start + cost.duration(action, rank=rank, v=plan.v)
+                timed[rank].append(TimedAction(action=action, start=start, end=end))
+                out = plan.output_message(action)
+                if out is not None:
+                    sent[out] = end
+                free[rank] = end
+                position[rank] += 1
+                progress = True
+    stuck = [rank for rank in range(p) if position[rank] < len(sequences[rank])]
+    if stuck:  # an order whose dependencies form a cycle (the exchange check passed)
+        marks = {rank: position[rank] for rank in stuck}
+        raise PlanError(f"the plan deadlocks: ranks {stuck} wait forever\n{render_grid(plans, marks=marks)}")
+    # No exchange is a point of waiting: a rank's only wait is for the input of an action.
+    posted = [[] for _ in plans]
+    done = [[free[rank]] for rank in range(p)]
+    return _result(plans, cost, timed, [[0] for _ in plans], done, [[0] for _ in plans], waits=[
+        sum((t.start - (timed[rank][i - 1].end if i else 0)) for i, t in enumerate(timed[rank])) for rank in range(p)
+    ], no_exchanges=True)

@@ -25,7 +25,7 @@ from pipeschedule.errors import RESTART, ArgumentMismatchError, PeerFailedError,
 from pipeschedule.wire.framed import Incoming, framed_exchange
 from pipeschedule.wire.notice import FailureBoard, Notice, declared_groups
 from pipeschedule.wire.p2p import TensorSpec, exchange, wait_bounded
-from pipeschedule.plan.build import Action, Message, build_plan
+from pipeschedule.plan import Action, Message, build_plan
 from pipeschedule.wire.records import RECORD_LEN, AbortRecord, Reason, dtype_code, encode_abort, read_abort_marker, write_abort_into
 
 if TYPE_CHECKING:

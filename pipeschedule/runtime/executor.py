@@ -33,7 +33,7 @@ from pipeschedule.wire.handshake import Handshake
 from pipeschedule.runtime.memory import held_bytes, release_output
 from pipeschedule.wire.notice import FailureBoard
 from pipeschedule.wire.p2p import Neighbours, TensorSpec, exchange
-from pipeschedule.plan.build import Action, Exchange, Message, RankPlan, Step
+from pipeschedule.plan import Action, Exchange, Message, RankPlan, Step
 from pipeschedule.runtime.sync import GradSync
 from pipeschedule.wire.records import Reason, encode_call, plan_fingerprint
 from pipeschedule.runtime.wrapped import inner_module

@@ -53,7 +53,7 @@ import torch
 from pipeschedule.config import ScheduleEvent
 from pipeschedule.runtime.executor import PlanRunner
 from pipeschedule.wire.p2p import post_recv, post_send, wait_bounded
-from pipeschedule.plan.build import Action, Exchange, Message, Step
+from pipeschedule.plan import Action, Exchange, Message, Step
 from pipeschedule.wire.records import read_abort_marker
 from pipeschedule.errors import PeerFailedError
 

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from pipeschedule.config import PipelineConfig
-from pipeschedule.plan.build import Action
+from pipeschedule.plan import Action
 
 Mode = Literal["none", "1f1b", "interleaved"]
 _ENABLE, _DISABLE, _GRAD_SYNC, _PARAM_SYNC = "enable", "disable", "grad_sync", "param_sync"

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from fractions import Fraction
 
 from pipeschedule.plan.check import PlanError
-from pipeschedule.plan.build import build_pipeline
+from pipeschedule.plan import build_pipeline
 from pipeschedule.plan.simulate import CostModel, Simulation, Time, simulate
 
 __all__ = ["main", "render_summary", "render_timeline", "save_png"]

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from pipeschedule.config import ScheduleEvent
-from pipeschedule.plan.build import Action
+from pipeschedule.plan import Action
 
 __all__ = ["CriticalPath", "PipelineTrace", "TraceRecorder", "TracedEvent"]
 
