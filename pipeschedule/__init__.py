@@ -5,6 +5,7 @@ The schedules (Megatron-core compatible):
 * :func:`forward_backward_no_pipelining`
 * :func:`forward_backward_pipelining_without_interleaving` (1F1B)
 * :func:`forward_backward_pipelining_with_interleaving` (interleaved 1F1B, ``v`` chunks per rank)
+* :func:`forward_backward_pipelining_zero_bubble` (ZB-H1, and interleaved zero bubble for ``v > 1``)
 
 The package, one layer per folder, imports pointing down only:
 
@@ -29,6 +30,7 @@ from pipeschedule.schedules import (
     forward_backward_no_pipelining,
     forward_backward_pipelining_with_interleaving,
     forward_backward_pipelining_without_interleaving,
+    forward_backward_pipelining_zero_bubble,
     get_forward_backward_func,
 )
 from pipeschedule.wire.notice import bounded_collective, declare_groups
@@ -50,6 +52,7 @@ __all__ = [
     "forward_backward_no_pipelining",
     "forward_backward_pipelining_with_interleaving",
     "forward_backward_pipelining_without_interleaving",
+    "forward_backward_pipelining_zero_bubble",
     "get_forward_backward_func",
     "inner_module",
     "phase_counts",

@@ -90,6 +90,11 @@ class PipelineConfig:
       steps ahead of need (at least 2), topped up half a window at a time. Each posted receive
       holds one message's buffer; a wider window costs that memory, and on gloo lets one wake-up
       of the sender serve several receives (``scripts/bench.py`` measures both).
+    * ``weight_grad_split`` (zero-bubble schedule only): how a backward is split into its input
+      and weight passes (:mod:`pipeschedule.runtime.split`). ``"autograd"`` splits any chunk
+      through its autograd graph; ``"module"`` runs an ordinary backward and then the chunk's
+      ``backward_dw()`` (layers that defer their weight gradients, as TransformerEngine's
+      ``delay_wgrad_compute``); ``"auto"`` is ``"module"`` when every chunk has ``backward_dw``.
     * ``deallocate_pipeline_outputs``: once a stage's output is handed to the send, its data is
       released (:mod:`pipeschedule.runtime.memory`); the memory goes when the send is done, and backward
       still works from the output's autograd graph.
@@ -112,6 +117,7 @@ class PipelineConfig:
     overlap_recv_window: int = 8
     deallocate_pipeline_outputs: bool = False
     calculate_per_token_loss: bool = False
+    weight_grad_split: Literal["auto", "autograd", "module"] = "auto"
 
     @property
     def sends_headers(self) -> bool:

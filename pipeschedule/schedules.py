@@ -35,14 +35,15 @@ __all__ = [
     "forward_backward_no_pipelining",
     "forward_backward_pipelining_with_interleaving",
     "forward_backward_pipelining_without_interleaving",
+    "forward_backward_pipelining_zero_bubble",
     "get_forward_backward_func",
 ]
 
 ForwardStepFunc = Callable[[Any, torch.nn.Module], tuple[torch.Tensor, Callable]]
 
 
-def _as_lists(model: Any, data_iterator: Any, *, interleaved: bool) -> tuple[list, list]:
-    """Model chunks and their data iterators as two lists of equal length."""
+def _as_lists(model: Any, data_iterator: Any, *, interleaved: bool | None) -> tuple[list, list]:
+    """Model chunks and their data iterators as two lists of equal length (``interleaved=None``: either form)."""
     if interleaved:
         if not isinstance(model, (list, tuple)):
             raise TypeError(
@@ -59,7 +60,7 @@ def _as_lists(model: Any, data_iterator: Any, *, interleaved: bool) -> tuple[lis
     iterators = list(data_iterator) if isinstance(data_iterator, (list, tuple)) else [data_iterator]
     if not model:
         raise ValueError("model is an empty list; pass one module per model chunk")
-    if not interleaved and len(model) != 1:
+    if interleaved is False and len(model) != 1:
         raise ValueError(
             f"this schedule runs one model chunk per rank, got a list of {len(model)}; use "
             f"forward_backward_pipelining_with_interleaving for several chunks"
@@ -113,6 +114,10 @@ def _check_config(config: PipelineConfig) -> None:
         value = getattr(config, name)
         if not isinstance(value, bool):
             raise TypeError(f"config.{name} must be True or False, got {value!r}")
+    if config.weight_grad_split not in ("auto", "autograd", "module"):
+        raise ValueError(
+            f"config.weight_grad_split must be 'auto', 'autograd' or 'module', got {config.weight_grad_split!r}"
+        )
     timeout = config.p2p_timeout
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not MIN_P2P_TIMEOUT <= timeout <= MAX_P2P_TIMEOUT:
         # Outside this range the backends do not wait as asked: below a millisecond the wait
@@ -151,6 +156,7 @@ def _run(
     link: Neighbours,
     no_pipelining: bool = False,
     finalize_extras: dict[str, Any] | None = None,
+    schedule: str = "1f1b",
 ) -> list[Any]:
     if not callable(forward_step_func):
         raise TypeError(f"forward_step_func must be callable, got {type(forward_step_func).__name__}")
@@ -164,7 +170,7 @@ def _run(
     cfg = resolve_config(config, chunks)
     plan = build_plan(
         p=link.size, r=link.rank, v=len(chunks), m=num_microbatches, forward_only=forward_only,
-        group_size=cfg.microbatch_group_size_per_vp_stage,
+        group_size=cfg.microbatch_group_size_per_vp_stage, schedule=schedule,
     )
     _check_config(cfg)
     if torch.is_inference_mode_enabled() and not forward_only:
@@ -236,8 +242,10 @@ def _megatron_state() -> dict[str, Any]:
     }
 
 
-def _schedule(name: str, *, interleaved: bool, no_pipelining: bool = False) -> Callable[..., list[Any]]:
-    """One of the three public schedule functions; they differ in how they take ``model`` and the group."""
+def _schedule(
+    name: str, *, interleaved: bool | None, no_pipelining: bool = False, schedule_kind: str = "1f1b"
+) -> Callable[..., list[Any]]:
+    """One of the public schedule functions; they differ in how they take ``model`` and the group, and in the plan."""
 
     def schedule(
         *,
@@ -270,6 +278,7 @@ def _schedule(name: str, *, interleaved: bool, no_pipelining: bool = False) -> C
             forward_only=forward_only, collect_non_loss_data=collect_non_loss_data, config=config,
             link=Neighbours(group=None, rank=0, size=1) if no_pipelining else Neighbours.of(group),
             no_pipelining=no_pipelining, finalize_extras={"pg_collection": pg_collection, "force_all_reduce": force_all_reduce},
+            schedule=schedule_kind,
         )
 
     schedule.__name__ = schedule.__qualname__ = name
@@ -308,14 +317,37 @@ forward_backward_pipelining_with_interleaving.__doc__ = """Interleaved 1F1B over
     """
 
 
+forward_backward_pipelining_zero_bubble = _schedule(
+    "forward_backward_pipelining_zero_bubble", interleaved=None, schedule_kind="zero-bubble"
+)
+forward_backward_pipelining_zero_bubble.__doc__ = """Zero bubble: each backward split into its input pass ``I`` and weight pass ``W``; ``v = len(model)``.
+
+    ``v = 1`` is ZB-H1 (Qi et al., ICLR 2024), ``v > 1`` interleaved zero bubble on the interleaved
+    order table (``num_microbatches >= p``, the group size as for interleaving). Warmup
+    ``min(p - r - 1, m)`` forwards at ``v = 1``, ``min((v - 1) G + p - r - 1, m v)`` when interleaving;
+    the weight pass of backward ``j`` runs right after backward ``j + r`` (or at the end), while that
+    step's messages travel, so rank ``r`` holds at most ``r`` pending weight passes. ``model`` and
+    ``data_iterator`` are a module and an iterator, or lists of them. How the backward is split is
+    ``config.weight_grad_split``; ``grad_sync_func`` of a chunk runs after its last weight pass.
+    ``forward_only`` runs the forward-only plan. The group and the Megatron keywords are taken as by
+    :func:`forward_backward_pipelining_without_interleaving`. With ``overlap_p2p_comm`` the step
+    reaches ``m (tf + tb + tw) + (p - 1) max(tf, tb, tf + tb - tw) / v`` (simulated, ideal network);
+    the batched mode is slower when interleaving (``python -m pipeschedule.tools.show``).
+    """
+
+
 def get_forward_backward_func(
     pp_size: int | None = None,
     vp_size: int | None = None,
     *,
     virtual_pipeline_model_parallel_size: int | None = None,
     group: Any = None,
+    zero_bubble: bool = False,
 ) -> Callable[..., list[Any]]:
     """The schedule for this pipeline: none for one rank, interleaved when ``v > 1``, else 1F1B.
+
+    ``zero_bubble=True`` gives :func:`forward_backward_pipelining_zero_bubble` instead of 1F1B or
+    interleaving (for any pipeline size; one rank runs it too).
 
     Megatron-core's call works unchanged: ``pp_size`` and ``vp_size`` (or our
     ``virtual_pipeline_model_parallel_size``) give the sizes. With no argument at all, Megatron's
@@ -346,6 +378,11 @@ def get_forward_backward_func(
             f"pp_size={pp_size} but the pipeline process group has {size} ranks; pass the pipeline group as group= "
             f"(or initialise Megatron's parallel_state), or pp_size={size}"
         )
+    if not isinstance(zero_bubble, bool):
+        raise TypeError(f"zero_bubble must be True or False, got {zero_bubble!r}")
+    if zero_bubble:
+        func = forward_backward_pipelining_zero_bubble
+        return func if group is None else functools.partial(func, group=group)
     if size == 1:
         return forward_backward_no_pipelining
     func = forward_backward_pipelining_with_interleaving if v is not None and v > 1 else forward_backward_pipelining_without_interleaving

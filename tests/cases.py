@@ -19,7 +19,7 @@ HIDDEN, SEQ, BATCH = 4, 3, 2
 class Case:
     """One configuration to run on the pool (and in the reference)."""
 
-    schedule: str  # "none" | "1f1b" | "interleaved"
+    schedule: str  # "none" | "1f1b" | "interleaved" | "zero-bubble"
     p: int
     v: int
     m: int
@@ -40,6 +40,10 @@ class Case:
     overlap: bool = False  # config.overlap_p2p_comm
     recv_window: int = 8  # config.overlap_recv_window
     deallocate: bool = False  # config.deallocate_pipeline_outputs
+    split: str = "auto"  # config.weight_grad_split (zero bubble)
+    # How each stage computes the same function: "" plain, "view" (returns a view), "checkpoint"
+    # (a non-reentrant checkpointed block), "module" (defers its weight gradient to backward_dw()).
+    variant: str = ""
 
     def __post_init__(self) -> None:
         from pool import GROUPS
@@ -49,22 +53,64 @@ class Case:
 
 
 class Stage(torch.nn.Module):
-    """Virtual stage ``stage`` of ``num_stages``: first reads data, last emits the model output."""
+    """Virtual stage ``stage`` of ``num_stages``: first reads data, last emits the model output.
 
-    def __init__(self, stage: int, num_stages: int, seed: int) -> None:
+    ``variant`` (see :class:`Case`) changes how the same function is computed, never its value.
+    """
+
+    def __init__(self, stage: int, num_stages: int, seed: int, variant: str = "") -> None:
         super().__init__()
         gen = torch.Generator().manual_seed(seed * 1000 + stage)
         self.stage, self.num_stages = stage, num_stages
         self.weight = torch.nn.Parameter(torch.randn(HIDDEN, HIDDEN, generator=gen, dtype=torch.float64) / HIDDEN**0.5)
         self.bias = torch.nn.Parameter(torch.randn(HIDDEN, generator=gen, dtype=torch.float64) * 0.1)
         self.input_tensor: torch.Tensor | None = None
+        self.variant = variant
+        self.deferred: list[tuple[torch.Tensor, torch.Tensor]] = []  # "module": (input, output grad) per backward
 
     def set_input_tensor(self, tensor: torch.Tensor | None) -> None:
         self.input_tensor = tensor
 
+    def _block(self, h: torch.Tensor) -> torch.Tensor:
+        z = _DeferredMatmul.apply(h, self.weight, self) if self.variant == "module" else h @ self.weight
+        return torch.tanh(z + self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x if self.stage == 0 else self.input_tensor
-        return h + torch.tanh(h @ self.weight + self.bias)
+        if self.variant == "checkpoint":
+            from torch.utils.checkpoint import checkpoint
+
+            out = h + checkpoint(self._block, h, use_reentrant=False)
+        else:
+            out = h + self._block(h)
+        return out.view(out.shape) if self.variant == "view" else out
+
+    def backward_dw(self) -> None:
+        """The weight gradient of the oldest backward whose weight pass is pending (``"module"``)."""
+        if self.variant != "module":
+            raise RuntimeError("only the 'module' variant defers its weight gradient")
+        h, grad = self.deferred.pop(0)
+        dw = h.reshape(-1, HIDDEN).t().mm(grad.reshape(-1, HIDDEN))  # what matmul's backward computes
+        if self.weight.grad is None:
+            self.weight.grad = dw
+        else:
+            self.weight.grad += dw
+
+
+class _DeferredMatmul(torch.autograd.Function):
+    """``h @ weight`` whose backward returns the input gradient and queues the weight's for ``backward_dw``."""
+
+    @staticmethod
+    def forward(ctx, h, weight, owner):
+        ctx.save_for_backward(h, weight)
+        ctx.owner = owner
+        return h @ weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight = ctx.saved_tensors
+        ctx.owner.deferred.append((h.detach(), grad))
+        return grad.reshape(-1, HIDDEN).mm(weight.t()).reshape(grad.shape), None, None
 
 
 def microbatches(case: Case) -> list[dict[str, torch.Tensor]]:
@@ -159,6 +205,7 @@ def _schedule(name: str):
         "none": ps.forward_backward_no_pipelining,
         "1f1b": ps.forward_backward_pipelining_without_interleaving,
         "interleaved": ps.forward_backward_pipelining_with_interleaving,
+        "zero-bubble": ps.forward_backward_pipelining_zero_bubble,
     }[name]
 
 
@@ -191,7 +238,7 @@ def run_case(case: Case, rank: int, groups: dict) -> dict[str, Any] | None:
     if rank not in ranks:
         return None
     r = ranks.index(rank)
-    chunks = [Stage(c * case.p + r, case.p * case.v, case.seed) for c in range(case.v)]
+    chunks = [Stage(c * case.p + r, case.p * case.v, case.seed, case.variant) for c in range(case.v)]
     events = Events()
     config = ps.PipelineConfig(
         hidden_size=None if "no_hidden_size" in case.mistake else HIDDEN,
@@ -204,10 +251,12 @@ def run_case(case: Case, rank: int, groups: dict) -> dict[str, Any] | None:
         overlap_recv_window=case.recv_window,
         deallocate_pipeline_outputs=case.deallocate,
         calculate_per_token_loss=case.per_token,
+        weight_grad_split=case.split,
         **({} if case.p2p_timeout is None else {"p2p_timeout": case.p2p_timeout}),
     )
-    model: Any = chunks if case.schedule == "interleaved" else chunks[0]
-    iterators: Any = [Batches(case) for _ in chunks] if case.schedule == "interleaved" else Batches(case)
+    listed = case.schedule == "interleaved" or (case.schedule == "zero-bubble" and case.v > 1)
+    model: Any = chunks if listed else chunks[0]
+    iterators: Any = [Batches(case) for _ in chunks] if listed else Batches(case)
     step = forward_step
     if "model_chunks" in case.mistake:
         model = chunks[: case.mistake["model_chunks"]] if case.mistake["model_chunks"] >= 0 else chunks[0]

@@ -43,7 +43,7 @@ class FailureHandling:
         """With fixed shapes an abort record arrives in place of the data; recognise it by its marker."""
         record = read_abort_marker(tensor)
         if record is not None:
-            peer = self.link.name(msg.src_stage % self.plan.p if msg is not None else from_rank)
+            peer = self.link.name(self.plan.rank_of(msg.src_stage) if msg is not None else from_rank)
             waited = f", waiting for {msg.label()}" if msg is not None else ""
             text = record.describe(self.plan.v)
             # The failed rank's own notice says more (its error, a Ctrl-C, the hook it ran).
@@ -166,7 +166,7 @@ class FailureHandling:
         this rank are taken (:meth:`_take`).
         """
         p = self.plan.p
-        owed = {msg.dst_stage % p for ex in self.plan.exchanges[self.next_exchange :] for msg in ex.sends}
+        owed = {self.plan.rank_of(msg.dst_stage) for ex in self.plan.exchanges[self.next_exchange :] for msg in ex.sends}
         closing = self.passes_token_count and self.link.rank > 0 and not self.closing_sent
         # Neighbours called with other arguments run another plan: nothing is sent to or taken from them.
         mismatched = self.handshake.settle() if self.handshake is not None else set()
@@ -224,13 +224,15 @@ class FailureHandling:
         """
         p, plan, me = self.plan.p, self.plan, self.link.rank
         owed = {msg for ex in plan.exchanges[self.next_exchange :] for msg in ex.sends}
-        theirs = build_plan(p=p, r=peer, v=plan.v, m=plan.m, forward_only=plan.forward_only, group_size=plan.group_size)
+        theirs = build_plan(
+            p=p, r=peer, v=plan.v, m=plan.m, forward_only=plan.forward_only, group_size=plan.group_size, schedule=plan.schedule
+        )
         due: list[Message] = []
         hears = self.passes_token_count and me > 0 and not self.closing_sent and peer == me - 1
         for ex in theirs.exchanges:
             if any(msg in owed for msg in ex.recvs):
                 return due, True  # here the neighbour receives our notice
-            due.extend(msg for msg in ex.sends if msg.dst_stage % p == me and msg not in self.received)
+            due.extend(msg for msg in ex.sends if self.plan.rank_of(msg.dst_stage) == me and msg not in self.received)
         return due, hears
 
     def _take(self: PlanRunner, peer: int, due: list[Message], hears_from_us: bool) -> None:

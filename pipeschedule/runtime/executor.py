@@ -6,7 +6,9 @@ carries which message. What it adds is the bookkeeping between them:
 * ``inbox``: received tensors waiting for the action that consumes them (with the interleaved
   group size ``G > p`` some activations arrive a few steps early);
 * ``outbox``: tensors produced by an action, waiting for the exchange that sends them;
-* ``saved``: each forward's input and output, kept for its backward.
+* ``saved``: each forward's input and output, kept for its backward;
+* ``weights``: in a zero-bubble plan, what each pending weight pass ``W`` needs
+  (:mod:`pipeschedule.runtime.split`), from its ``I`` on.
 
 All three are empty again when a step ends; anything left over is a bug and raises.
 
@@ -34,6 +36,7 @@ from pipeschedule.runtime.memory import held_bytes, release_output
 from pipeschedule.wire.notice import FailureBoard
 from pipeschedule.wire.p2p import Neighbours, TensorSpec, exchange
 from pipeschedule.plan import Action, Exchange, Message, RankPlan, Step
+from pipeschedule.runtime.split import PendingWeights, choose_split
 from pipeschedule.runtime.sync import GradSync
 from pipeschedule.wire.records import Reason, encode_call, plan_fingerprint
 from pipeschedule.runtime.wrapped import inner_module
@@ -104,12 +107,18 @@ class PlanRunner(FailureHandling):
         self.config = config
         self.spec = spec
         self.collect_non_loss_data = collect_non_loss_data
-        mode = "none" if sync_last_forward else "interleaved" if plan.v > 1 else "1f1b"
+        mode = "none" if sync_last_forward else "zero-bubble" if plan.zero_bubble else "interleaved" if plan.v > 1 else "1f1b"
         self.sync = GradSync(config, chunks, plan.actions, mode=mode, rank=link.rank, m=plan.m)
         self.finalize_extras = finalize_extras or {}
         self.inbox: dict[Message, torch.Tensor] = {}
         self.outbox: dict[Message, torch.Tensor] = {}
         self.saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self.weights: dict[tuple[int, int], PendingWeights] = {}
+        self.split = (
+            choose_split(config.weight_grad_split, chunks, lambda chunk: inner_module(chunk, having="backward_dw"))
+            if plan.zero_bubble else None
+        )
+        self.graph_checked: set[int] = set()  # chunks whose graph the split has looked at this step
         self.local: deque[torch.Tensor] = deque()  # messages to this same rank (p = 1, several chunks)
         self.store: list[Any] = []
         self.num_tokens: torch.Tensor | None = None
@@ -180,7 +189,7 @@ class PlanRunner(FailureHandling):
                 self.handshake.finish()
             self.where = "started the data-parallel gradient reductions (no_sync_func, grad_sync_func)"
             self.sync.finish()
-            leftovers = {"inbox": self.inbox, "outbox": self.outbox, "saved": self.saved}
+            leftovers = {"inbox": self.inbox, "outbox": self.outbox, "saved": self.saved, "weights": self.weights}
             if any(leftovers.values()):
                 raise RuntimeError(f"the step ended with unconsumed tensors: { {k: list(v) for k, v in leftovers.items() if v} }")
             if not self.plan.forward_only:
@@ -201,8 +210,16 @@ class PlanRunner(FailureHandling):
         self._exchange(self.plan.first)
 
     def _finish_step(self, step: Step) -> None:
-        """After a step's actions: send what they produced, receive what the next step needs."""
-        self._exchange(step.exchange)
+        """After a step's actions: send what they produced, receive what the next step needs.
+
+        The step's fill (weight passes) runs while the exchange is in flight: after it is posted,
+        before it is waited on.
+        """
+        self._exchange(step.exchange, fill=step.fill)
+
+    def _run_fill(self, fill: tuple[Action, ...]) -> None:
+        for action in fill:
+            self._timed_action(action)
 
     def _timed_action(self, action: Action) -> None:
         observer = self.config.observer
@@ -220,8 +237,12 @@ class PlanRunner(FailureHandling):
         with profiled:
             if action.kind == "F":
                 self._forward(action)
-            else:
+            elif action.kind == "B":
                 self._backward(action)
+            elif action.kind == "I":
+                self._input_backward(action)
+            else:
+                self._weight_backward(action)
         try:
             self.sync.after(action)
         except BaseException:
@@ -235,6 +256,9 @@ class PlanRunner(FailureHandling):
     def _held_tensors(self) -> list[torch.Tensor | None]:
         """Every stage input and output this rank holds right now."""
         held = [t for pair in self.saved.values() for t in pair]
+        for pending in self.weights.values():
+            held += [pending.output, pending.grad]
+            held += [g for group in pending.groups or () for grads in group.captured for g in grads or ()]
         held += [*self.inbox.values(), *self.outbox.values(), *self.local]
         return held + [tensor for _, _, tensor, _ in self.pending.works]
 
@@ -273,6 +297,9 @@ class PlanRunner(FailureHandling):
                         f"forward_only=True to evaluate"
                     )
                 self.doing = (Reason.FORWARD, action)
+        if self.split is not None and chunk not in self.graph_checked and not self.plan.forward_only:
+            self.graph_checked.add(chunk)
+            self.split.check_graph(output, chunk)  # before the output leaves: refuse what cannot be split
         out_msg = self.plan.output_message(action)
         if out_msg is not None:
             self._check_activation(output, action)
@@ -337,6 +364,22 @@ class PlanRunner(FailureHandling):
         msg = self.plan.input_message(action)
         output_grad = None if msg is None else self.inbox.pop(msg)
         run_backward(output, output_grad)
+        self._send_input_grad(action, input_tensor)
+
+    def _input_backward(self, action: Action) -> None:
+        """``I``: the input's gradient, sent on; what the weight pass needs is kept."""
+        key = (action.microbatch, action.chunk)
+        input_tensor, output = self.saved.pop(key)
+        msg = self.plan.input_message(action)
+        output_grad = None if msg is None else self.inbox.pop(msg)
+        self.weights[key] = self.split.input_pass(input_tensor, output, output_grad, action.chunk)
+        self._send_input_grad(action, input_tensor)
+
+    def _weight_backward(self, action: Action) -> None:
+        """``W``: the weights' gradients of one microbatch through one chunk."""
+        self.split.weight_pass(self.weights.pop((action.microbatch, action.chunk)), action.chunk)
+
+    def _send_input_grad(self, action: Action, input_tensor: torch.Tensor | None) -> None:
         out_msg = self.plan.output_message(action)
         if out_msg is not None:
             grad = input_tensor.grad
@@ -387,39 +430,55 @@ class PlanRunner(FailureHandling):
 
     # -- communication -------------------------------------------------------------------------
 
-    def _exchange(self, ex: Exchange) -> None:
+    def _exchange(self, ex: Exchange, fill: tuple[Action, ...] = ()) -> None:
         if self.handshake is not None and self.handshake.unchecked and ex:
             # Before anything is posted: a failure here still owes this exchange's messages.
-            p = self.plan.p
-            self._check_call([msg.dst_stage % p for msg in ex.sends] + [msg.src_stage % p for msg in ex.recvs])
+            rank_of = self.plan.rank_of
+            self._check_call([rank_of(msg.dst_stage) for msg in ex.sends] + [rank_of(msg.src_stage) for msg in ex.recvs])
         self.next_exchange += 1
         if not ex:
+            self._run_fill(fill)
             return
         observer = self.config.observer
         start = time.perf_counter() if observer is not None else 0.0
-        p = self.plan.p
-        if p == 1:
+        rank_of = self.plan.rank_of
+        if self.plan.p == 1:
             # Every neighbour is this rank: hand the tensors over directly, as copies, so a chunk
             # cannot alias the previous chunk's saved output.
             self.local.extend(self.outbox.pop(msg).clone() for msg in ex.sends)
             got = [self.local.popleft() for _ in ex.recvs]
+            self._run_fill(fill)
         else:
-            sends = [(self.outbox.pop(msg), msg.dst_stage % p) for msg in ex.sends]
+            sends = [(self.outbox.pop(msg), rank_of(msg.dst_stage)) for msg in ex.sends]
             what = self.where if not ex.recvs else f"{self.where}, receiving {', '.join(m.label() for m in ex.recvs)}"
             if self.framed:
+                # The header protocol posts and waits inside framed_exchange: the fill runs first.
+                self._run_fill(fill)
                 expect = None if self.config.variable_seq_lengths else self.spec
                 got = framed_exchange(
-                    self.link, sends=sends, recvs=[Incoming(msg.src_stage % p, msg.label(), expect) for msg in ex.recvs],
+                    self.link, sends=sends, recvs=[Incoming(rank_of(msg.src_stage), msg.label(), expect) for msg in ex.recvs],
                     device=self.device, fingerprint=self.fingerprint, max_numel=self.config.max_message_numel,
                     timeout=self.config.p2p_timeout, pending=self.pending, what=self.where, v=self.plan.v,
                     received=lambda i: self.received.add(ex.recvs[i]),
                 )
             else:
-                recvs = [(self.spec, msg.src_stage % p) for msg in ex.recvs]
+                recvs = [(self.spec, rank_of(msg.src_stage)) for msg in ex.recvs]
+                failed: list[BaseException] = []
+
+                def between() -> None:
+                    # An error in a weight pass is raised once the exchange is complete, so the
+                    # failure handling finds every posted operation finished.
+                    try:
+                        self._run_fill(fill)
+                    except BaseException as exc:  # noqa: BLE001 - re-raised below
+                        failed.append(exc)
+
                 got = exchange(
                     self.link, sends=sends, recvs=recvs, timeout=self.config.p2p_timeout, what=what,
-                    on_received=lambda tensors: self._check_received(ex.recvs, tensors),
+                    on_received=lambda tensors: self._check_received(ex.recvs, tensors), between=between if fill else None,
                 )
+                if failed:
+                    raise failed[0]
         self.inbox.update(zip(ex.recvs, got))
         self.received.update(ex.recvs)
         if observer is not None:

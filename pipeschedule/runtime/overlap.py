@@ -80,7 +80,7 @@ class OverlappedRunner(PlanRunner):
             recvs = exchanges[self.posted_upto].recvs
             self.posted_upto += 1
             for msg in recvs:
-                buffer, peer = self.spec.empty(), msg.src_stage % p
+                buffer, peer = self.spec.empty(), self.plan.rank_of(msg.src_stage)
                 work = post_recv(self.link, buffer, peer, what=what, timeout=self.config.p2p_timeout)
                 self.expected[msg] = (work, buffer, peer)
 
@@ -95,6 +95,7 @@ class OverlappedRunner(PlanRunner):
             self._post_receives(full)
 
     def _finish_step(self, step: Step) -> None:
+        self._run_fill(step.fill)  # the step's sends left inside its actions: the weight passes run now
         self.steps_done += 1
         # Every send of this step has been posted: failure notices now go to later messages' peers.
         self.next_exchange = self.steps_done + 1
@@ -110,7 +111,7 @@ class OverlappedRunner(PlanRunner):
         super()._timed_action(action)
 
     def _emit(self, msg: Message, tensor: torch.Tensor) -> None:
-        peer = msg.dst_stage % self.plan.p
+        peer = self.plan.rank_of(msg.dst_stage)
         if peer in self.handshake.unchecked:  # nothing goes to a neighbour before its call record is checked
             self._check_call((peer,))
         work = post_send(self.link, tensor, peer, what=lambda: f"{self.where}, sending {msg.label()}", timeout=self.config.p2p_timeout)
@@ -125,8 +126,8 @@ class OverlappedRunner(PlanRunner):
     def _await(self, msg: Message) -> None:
         observer = self.config.observer
         start = time.perf_counter() if observer is not None else 0.0
-        if msg.src_stage % self.plan.p in self.handshake.unchecked:
-            self._check_call((msg.src_stage % self.plan.p,))
+        if self.plan.rank_of(msg.src_stage) in self.handshake.unchecked:
+            self._check_call((self.plan.rank_of(msg.src_stage),))
         work, buffer, peer = self.expected.pop(msg)
         self.where = f"waited for {msg.label()}"
         wait_bounded(work, link=self.link, peer=peer, what=self.where, timeout=self.config.p2p_timeout)

@@ -19,6 +19,11 @@ plan instead of counters:
   pipelining never calls it.
 * ``param_sync_func`` (interleaved only): chunks 0 and 1 before the first forward, chunk
   ``c >= 2`` before forward ``k`` where forward ``k + r`` is chunk ``c - 1``'s first.
+* Zero bubble (Megatron-core has no such schedule; the rule follows from what a reduction needs):
+  a chunk's gradients are complete after its last weight pass ``W``, so ``grad_sync_func`` of a
+  chunk runs right after that ``W`` (the weight passes are already delayed by ``r``), and without
+  it ``no_sync`` is left for that ``W`` and entered again after it. ``param_sync_func`` as
+  interleaved when ``v > 1``.
 
 :class:`pipeschedule.runtime.executor.PlanRunner` calls :meth:`GradSync.before` and :meth:`GradSync.after`
 around every action, :meth:`GradSync.finish` after the last one and :meth:`GradSync.close` always.
@@ -33,7 +38,7 @@ from typing import Any, Literal
 from pipeschedule.config import PipelineConfig
 from pipeschedule.plan import Action
 
-Mode = Literal["none", "1f1b", "interleaved"]
+Mode = Literal["none", "1f1b", "interleaved", "zero-bubble"]
 _ENABLE, _DISABLE, _GRAD_SYNC, _PARAM_SYNC = "enable", "disable", "grad_sync", "param_sync"
 
 
@@ -58,13 +63,15 @@ class GradSync:
         self._no_sync = no_sync
         self._open: contextlib.ExitStack | None = None
         self._grad_sync = _per_chunk(config.grad_sync_func, v, "grad_sync_func") if mode != "none" else None
-        self._param_sync = _per_chunk(config.param_sync_func, v, "param_sync_func") if mode == "interleaved" else None
+        interleaving = mode == "interleaved" or (mode == "zero-bubble" and v > 1)
+        self._param_sync = _per_chunk(config.param_sync_func, v, "param_sync_func") if interleaving else None
         self._synced: set[int] = set()
         self._before: dict[Action, list[tuple[str, int]]] = {}
         self._after: dict[Action, list[tuple[str, int]]] = {}
         self._end: list[tuple[str, int]] = []
         forwards = [a for a in actions if a.kind == "F"]
-        backwards = [a for a in actions if a.kind == "B"]
+        # The actions after which a microbatch's weight gradients are complete: B, or W when split.
+        backwards = [a for a in actions if a.kind in ("B", "W")]
         if not backwards:  # forward only: no gradient, nothing to reduce or gather
             return
         # Entered before the first forward (torch's DDP decides in the forward whether to reduce),
@@ -79,6 +86,8 @@ class GradSync:
                 self._at(self._before, backwards[-1], _ENABLE)
             else:
                 self._end += [(_ENABLE, 0), (_GRAD_SYNC, 0)]
+        elif mode == "zero-bubble":
+            self._plan_interleaved(backwards, 0, v, m)  # the W's already come r passes late
         else:
             self._plan_interleaved(backwards, rank, v, m)
         self._end.append((_ENABLE, 0))

@@ -195,6 +195,7 @@ def exchange(
     timeout: float | None = None,
     what: str = "exchanged tensors",
     on_received: Callable[[list[torch.Tensor]], object] | None = None,
+    between: Callable[[], object] | None = None,
 ) -> list[torch.Tensor]:
     """Post ``sends`` (tensor, group rank) and ``recvs`` (spec, group rank) as one batch; wait for all.
 
@@ -203,13 +204,19 @@ def exchange(
     Each wait lasts at most ``timeout`` seconds; ``what`` says what this rank was doing, for errors.
     ``on_received(buffers)`` runs once the receives are complete and before the sends are waited
     on, so it can raise on an abort notice while a send to the failed peer would never complete.
+    ``between()`` runs after the batch is posted and before anything is waited on (work that
+    sends nothing, done while the messages travel).
     """
     buffers = [spec.empty() for spec, _ in recvs]
+    if not sends and not recvs and between is not None:
+        between()
     ops = [dist.P2POp(dist.isend, tensor, group=link.group, group_peer=peer) for tensor, peer in sends]
     ops += [dist.P2POp(dist.irecv, buf, group=link.group, group_peer=peer) for buf, (_, peer) in zip(buffers, recvs)]
     if ops:
         peers = [peer for _, peer in sends] + [peer for _, peer in recvs]
         works = post(link, ops, peers=peers, what=what, timeout=timeout)
+        if between is not None:
+            between()
         if len(works) != len(ops):  # a coalescing backend (NCCL) returns one work for the batch
             for work in works:
                 wait_bounded(work, link=link, peer=peers[0] if len(set(peers)) == 1 else -1, what=what, timeout=timeout)

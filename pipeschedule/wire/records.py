@@ -186,10 +186,14 @@ def encode_header(tensor: torch.Tensor, *, fingerprint: int) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64, device=tensor.device)
 
 
+# The action kinds an abort record can name: forward, whole backward, input and weight halves.
+_KIND_CODES = {"F": 1, "B": 2, "I": 3, "W": 4}
+
+
 def encode_abort(record: AbortRecord, *, device: torch.device) -> torch.Tensor:
     values = [0] * RECORD_LEN
     kind, mb, chunk = record.action if record.action is not None else ("", -1, -1)
-    values[:8] = [ABORT_MAGIC, record.reason, record.rank, record.global_rank, {"F": 1, "B": 2}.get(kind, 0), mb, chunk, record.reporter]
+    values[:8] = [ABORT_MAGIC, record.reason, record.rank, record.global_rank, _KIND_CODES.get(kind, 0), mb, chunk, record.reporter]
     shape = tuple(record.shape or ())[:MAX_NDIM]
     values[8] = len(shape)
     values[9 : 9 + len(shape)] = list(shape)
@@ -200,7 +204,7 @@ def encode_abort(record: AbortRecord, *, device: torch.device) -> torch.Tensor:
 
 
 def _decode_abort(values: list[int]) -> AbortRecord:
-    kind = {1: "F", 2: "B"}.get(values[4])
+    kind = {code: k for k, code in _KIND_CODES.items()}.get(values[4])
     if values[1] == Reason.PLAN:
         return AbortRecord(
             reason=values[1], rank=values[2], global_rank=values[3], action=None, reporter=values[7],
