@@ -2,6 +2,7 @@
 
     python scripts/train.py                                   # 4 ranks: p=4, v=2 (interleaved), m=8, dp=1
     python scripts/train.py --p 2 --dp 2 --schedule 1f1b      # two pipeline replicas of two stages
+    python scripts/train.py --schedule zero-bubble --v 2       # interleaved zero bubble
     python scripts/train.py --check                           # float64, 3 steps, equal to one process?
     python scripts/train.py --save ckpt --save-interval 50    # checkpoints; resume with --load ckpt
     torchrun --nproc-per-node 4 scripts/train.py --p 2 --dp 2
@@ -125,10 +126,11 @@ def parse_settings(argv: list[str] | None = None, *, world_size: int | None = No
     d, o = TrainSettings(), RunOptions()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--p", type=int, default=d.p, help="pipeline ranks")
-    ap.add_argument("--v", type=int, default=None, help="model chunks per rank (default: 2 interleaved, 1 for 1f1b)")
+    ap.add_argument("--v", type=int, default=None, help="model chunks per rank (default: 2 interleaved and zero-bubble, 1 for 1f1b)")
     ap.add_argument("--m", type=int, default=d.m, help="microbatches per step")
     ap.add_argument("--dp", type=int, default=None, help="data-parallel replicas (default 1; under torchrun world/p)")
-    ap.add_argument("--schedule", choices=["1f1b", "interleaved"], default="interleaved")
+    ap.add_argument("--schedule", choices=["1f1b", "interleaved", "zero-bubble"], default="interleaved",
+                    help="zero-bubble: each backward split into input and weight passes (ZB-H1 at --v 1)")
     ap.add_argument("--steps", type=int, default=None, help=f"total iterations, counting those of a loaded checkpoint (default {d.steps}, 3 with --check)")
     ap.add_argument("--data", default=None, help="a UTF-8 text file (default: modules of the Python standard library)")
     ap.add_argument("--seq-length", type=int, default=d.seq_length)
@@ -160,8 +162,10 @@ def parse_settings(argv: list[str] | None = None, *, world_size: int | None = No
                     help="release a stage output's data once it is sent")
     ap.add_argument("--timeout", type=float, default=o.timeout, help="seconds before a launched run is stopped")
     args = ap.parse_args(argv)
-    v = args.v if args.v is not None else (2 if args.schedule == "interleaved" else 1)
-    if (args.schedule == "interleaved") != (v > 1):
+    v = args.v if args.v is not None else (1 if args.schedule == "1f1b" else 2)
+    if v < 1:
+        ap.error(f"--v {v}: give at least one model chunk per rank")
+    if args.schedule != "zero-bubble" and (args.schedule == "interleaved") != (v > 1):
         ap.error(f"--schedule {args.schedule} with --v {v}: 1f1b runs one chunk per rank (--v 1), interleaved needs --v >= 2")
     dp = args.dp
     if dp is None:
@@ -206,11 +210,12 @@ def parse_settings(argv: list[str] | None = None, *, world_size: int | None = No
         seed=args.seed, dtype=torch.float64 if args.check else torch.float32,
         compare_steps=steps if args.check else min(args.compare_steps, steps),
         overlap_p2p_comm=args.overlap_p2p_comm, deallocate_pipeline_outputs=args.deallocate_pipeline_outputs,
+        zero_bubble=args.schedule == "zero-bubble",
     )
     try:  # fail here, not in p*dp processes: the model, the partition, the schedule's plan, the data
         settings.model_config()
         balanced_partition(settings)
-        build_plan(p=settings.p, r=0, v=settings.v, m=settings.m)
+        build_plan(p=settings.p, r=0, v=settings.v, m=settings.m, schedule="zero-bubble" if settings.zero_bubble else "1f1b")
         corpus = load_corpus(path=settings.data)
         for split in ("train", "valid") if settings.eval_iters else ("train",):
             next(microbatches(corpus=corpus, seed=settings.seed, micro_batch_size=settings.micro_batch_size,

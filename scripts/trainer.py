@@ -53,6 +53,7 @@ from pipeschedule.schedules import (
     forward_backward_no_pipelining,
     forward_backward_pipelining_with_interleaving,
     forward_backward_pipelining_without_interleaving,
+    forward_backward_pipelining_zero_bubble,
 )
 from pipeschedule.training.tied import make_finalize_model_grads
 
@@ -89,10 +90,11 @@ class TrainSettings:
     overlap_p2p_comm: bool = True  # receives posted early, sends never waited on mid-step (exact either way)
     deallocate_pipeline_outputs: bool = True  # a stage output's data goes once sent (exact either way)
     eval_iters: int = 2  # forward-only passes of m microbatches per evaluation (0: no evaluation)
+    zero_bubble: bool = False  # the zero-bubble schedule (ZB-H1 at v = 1, interleaved zero bubble at v > 1)
 
     @property
     def schedule(self) -> str:
-        return "interleaved" if self.v > 1 else "1f1b"
+        return "zero-bubble" if self.zero_bubble else "interleaved" if self.v > 1 else "1f1b"
 
     @property
     def tokens_per_step(self) -> int:
@@ -163,6 +165,8 @@ def make_optimizer(settings: TrainSettings, params: Iterator[nn.Parameter] | lis
 
 
 def _schedule_func(settings: TrainSettings) -> Callable[..., list[Any]]:
+    if settings.zero_bubble:
+        return forward_backward_pipelining_zero_bubble
     if settings.v > 1:
         return forward_backward_pipelining_with_interleaving
     if settings.p == 1:

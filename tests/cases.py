@@ -67,6 +67,8 @@ class Stage(torch.nn.Module):
         self.input_tensor: torch.Tensor | None = None
         self.variant = variant
         self.deferred: list[tuple[torch.Tensor, torch.Tensor]] = []  # "module": (input, output grad) per backward
+        if variant == "module":  # only then does the stage have backward_dw (what "auto" looks for)
+            self.backward_dw = self._backward_dw
 
     def set_input_tensor(self, tensor: torch.Tensor | None) -> None:
         self.input_tensor = tensor
@@ -85,10 +87,8 @@ class Stage(torch.nn.Module):
             out = h + self._block(h)
         return out.view(out.shape) if self.variant == "view" else out
 
-    def backward_dw(self) -> None:
+    def _backward_dw(self) -> None:
         """The weight gradient of the oldest backward whose weight pass is pending (``"module"``)."""
-        if self.variant != "module":
-            raise RuntimeError("only the 'module' variant defers its weight gradient")
         h, grad = self.deferred.pop(0)
         dw = h.reshape(-1, HIDDEN).t().mm(grad.reshape(-1, HIDDEN))  # what matmul's backward computes
         if self.weight.grad is None:

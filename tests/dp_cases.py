@@ -114,9 +114,14 @@ def grid_job(case: GridCase, rank: int, groups: dict) -> dict[str, Any]:
         overlap_p2p_comm=case.mode == "overlap", **hooks,
     )
     step = _faulty_step(case, rank, r, fault)
-    model: Any = data_parallel.modules if case.schedule == "interleaved" else data_parallel.modules[0]
-    iterators: Any = [_GridBatches(case) for _ in chunks] if case.schedule == "interleaved" else _GridBatches(case)
-    func = ps.forward_backward_pipelining_with_interleaving if case.schedule == "interleaved" else ps.forward_backward_pipelining_without_interleaving
+    listed = case.v > 1
+    model: Any = data_parallel.modules if listed else data_parallel.modules[0]
+    iterators: Any = [_GridBatches(case) for _ in chunks] if listed else _GridBatches(case)
+    func = {
+        "interleaved": ps.forward_backward_pipelining_with_interleaving,
+        "1f1b": ps.forward_backward_pipelining_without_interleaving,
+        "zero-bubble": ps.forward_backward_pipelining_zero_bubble,
+    }[case.schedule]
     timer = None
     if mine and case.kind == "sigint":
         def interrupt() -> None:

@@ -21,9 +21,14 @@ TIMEOUT = 3.0  # config.p2p_timeout of these tests
 SLACK = 2.0  # scheduling noise on a shared two-core machine
 
 
+def plan_of(case: Case, r: int):
+    schedule = "zero-bubble" if case.schedule == "zero-bubble" else "1f1b"
+    return build_plan(p=case.p, r=r, v=case.v, m=case.m, group_size=case.group_size, schedule=schedule)
+
+
 def must_hear(case: Case, failed: int, step_index: int) -> set[int]:
     """Group ranks that expect a message the failed rank would have sent at or after ``step_index``."""
-    plan = build_plan(p=case.p, r=failed, v=case.v, m=case.m, group_size=case.group_size)
+    plan = plan_of(case, failed)
     later = [msg for step in plan.steps[step_index:] for msg in step.exchange.sends]
     return {msg.dst_stage % case.p for msg in later} - {failed}
 
@@ -56,16 +61,19 @@ def faults(draw):
     v = draw(st.integers(1, 2))
     m = draw(st.integers(p if v > 1 else 1, 6))
     failed = draw(st.integers(0, p - 1))
-    plan = build_plan(p=p, r=failed, v=v, m=m)
-    index = draw(st.integers(0, len(plan.actions) - 1))
-    action = plan.actions[index]
-    kind = action.kind
+    zero_bubble = draw(st.booleans())
+    plan = build_plan(p=p, r=failed, v=v, m=m, schedule="zero-bubble" if zero_bubble else "1f1b")
+    # A fault in a forward, the loss, or the backward that sends the input gradient on (B, or I).
+    candidates = [a for a in plan.actions if a.kind != "W"]
+    action = candidates[draw(st.integers(0, len(candidates) - 1))]
+    kind = "B" if action.kind == "I" else action.kind
     if kind == "F" and action.chunk * p + failed == p * v - 1 and draw(st.booleans()):
         kind = "L"  # the last stage can fail in loss_func instead
     step_index = next(i for i, step in enumerate(plan.steps) if action in step.actions)
     mode = draw(st.sampled_from(["fixed", "check", "variable", "overlap"]))
+    schedule = "zero-bubble" if zero_bubble else "interleaved" if v > 1 else "1f1b"
     case = Case(
-        "interleaved" if v > 1 else "1f1b", p=p, v=v, m=m, group=draw(st.sampled_from(GROUP_FOR_P[p])),
+        schedule, p=p, v=v, m=m, group=draw(st.sampled_from(GROUP_FOR_P[p])),
         seed=draw(st.integers(0, 10**6)), p2p_timeout=TIMEOUT, fresh_group=True,
         mistake={"raise_at": (failed, kind, action.microbatch, action.chunk)},
         check_p2p_shapes=mode == "check", seq_lens=tuple([3] * m) if mode == "variable" else None,
@@ -273,17 +281,18 @@ def test_ranks_two_hops_away_hear_of_a_failure_without_a_timeout(pool, mode):
 
 @st.composite
 def grid_faults(draw):
-    schedule = draw(st.sampled_from(["1f1b", "interleaved"]))
-    v = 2 if schedule == "interleaved" else 1
+    schedule = draw(st.sampled_from(["1f1b", "interleaved", "zero-bubble"]))
+    v = 2 if schedule == "interleaved" else draw(st.integers(1, 2)) if schedule == "zero-bubble" else 1
     m = draw(st.integers(P if v > 1 else 1, 5))
     failed = draw(st.integers(0, P * DP - 1))
     r = failed // DP
-    plan = build_plan(p=P, r=r, v=v, m=m)
-    action = plan.actions[draw(st.integers(0, len(plan.actions) - 1))]
-    kinds = [action.kind]
+    plan = build_plan(p=P, r=r, v=v, m=m, schedule="zero-bubble" if schedule == "zero-bubble" else "1f1b")
+    candidates = [a for a in plan.actions if a.kind != "W"]
+    action = candidates[draw(st.integers(0, len(candidates) - 1))]
+    kinds = ["B" if action.kind == "I" else action.kind]
     if action.kind == "F" and action.chunk * P + r == P * v - 1:
         kinds.append("L")
-    if v > 1 or r > 0:  # 1F1B runs grad_sync_func on every pipeline rank but the first
+    if v > 1 or r > 0 or schedule == "zero-bubble":  # 1F1B runs grad_sync_func on every pipeline rank but the first
         kinds.append("hook")
     return GridCase(
         schedule=schedule, v=v, m=m, failed=failed, kind=draw(st.sampled_from(kinds)), microbatch=action.microbatch,

@@ -34,9 +34,13 @@ def _by_coords(results: dict) -> dict[tuple[int, int], dict]:
     return {(out["pp_rank"], out["dp_rank"]): out for out in results.values()}
 
 
-@pytest.mark.parametrize(("p", "v", "dp"), _LAYOUTS, ids=lambda x: str(x))
-def test_training_equals_one_process_in_float64(pool, p, v, dp):
-    settings = small_settings(p=p, v=v, dp=dp)
+# The zero-bubble schedule on the same model: tied embeddings, DDP chunks, clipping (autograd split).
+_ZERO_BUBBLE = [(2, 1, 2, True), (4, 2, 1, True), (2, 2, 2, True)]
+
+
+@pytest.mark.parametrize(("p", "v", "dp", "zero_bubble"), [(*layout, False) for layout in _LAYOUTS] + _ZERO_BUBBLE, ids=lambda x: str(x))
+def test_training_equals_one_process_in_float64(pool, p, v, dp, zero_bubble):
+    settings = small_settings(p=p, v=v, dp=dp, zero_bubble=zero_bubble)
     results = _by_coords(_ok(pool.run(train_job, settings, timeout=90)))
     ref = reference_training(settings, steps=settings.steps)
     runs = list(results.values())
@@ -116,9 +120,10 @@ def test_all_stages_agree_on_found_inf(pool, p, v, dp, inject):
     assert len({out["loss"] for out in results.values()}) == 1
 
 
-def test_check_run_of_the_script_passes():
+@pytest.mark.parametrize("schedule", [["--schedule", "1f1b"], ["--schedule", "zero-bubble", "--v", "1"]], ids=lambda a: a[1])
+def test_check_run_of_the_script_passes(schedule):
     out = subprocess.run(
-        [sys.executable, str(_SCRIPT), "--check", "--p", "2", "--schedule", "1f1b", "--steps", "2", "--m", "2", "--num-layers", "2",
+        [sys.executable, str(_SCRIPT), "--check", "--p", "2", *schedule, "--steps", "2", "--m", "2", "--num-layers", "2",
          "--hidden-size", "16", "--num-heads", "2", "--seq-length", "8", "--micro-batch-size", "2", "--timeout", "120"],
         check=False, capture_output=True, text=True, timeout=180,
     )

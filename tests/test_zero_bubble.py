@@ -43,3 +43,103 @@ NAMED = [
 @pytest.mark.parametrize("case", NAMED, ids=lambda c: f"p{c.p}v{c.v}m{c.m}-{c.split}{'-' + c.variant if c.variant else ''}{'-overlap' if c.overlap else ''}")
 def test_named_zero_bubble_configurations(pool, case):
     check_against_reference(case, pool.run(run_case, case), exact=True)
+
+
+# -- on one process: the split's refusals, the API ------------------------------------------------
+
+import torch  # noqa: E402
+
+import pipeschedule as ps  # noqa: E402
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, reentrant: bool | None = None) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4).double()
+        self.reentrant = reentrant
+        self.input_tensor = None
+
+    def set_input_tensor(self, tensor):
+        self.input_tensor = tensor
+
+    def forward(self, x):
+        h = x if self.input_tensor is None else self.input_tensor
+        if self.reentrant is None:
+            return torch.tanh(self.lin(h))
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(lambda t: torch.tanh(self.lin(t)), h, use_reentrant=self.reentrant)
+
+
+def _step(it, model):
+    x = next(it) if it is not None else None
+    out = model(x)
+    return out, lambda o: (o.square().mean(), {"loss": o.square().mean().detach()})
+
+
+def _run(chunks, **config):
+    data = [torch.randn(2, 4, dtype=torch.float64, requires_grad=False) for _ in range(3)]
+    iterators = [iter(data)] + [None] * (len(chunks) - 1)
+    return ps.forward_backward_pipelining_zero_bubble(
+        forward_step_func=_step, data_iterator=iterators, model=chunks, num_microbatches=3,
+        config=ps.PipelineConfig(pipeline_dtype=torch.float64, **config),
+    )
+
+
+def test_a_reentrant_checkpoint_is_refused_naming_the_chunk_and_what_to_change():
+    with pytest.raises(RuntimeError, match="model chunk 1 uses a reentrant activation checkpoint.*use_reentrant=False"):
+        _run([_Block(), _Block(reentrant=True)], weight_grad_split="autograd")
+
+
+def test_a_compiled_chunk_is_refused_before_anything_runs():
+    chunks = [_Block(), torch.compile(_Block())]
+    ran = []
+    chunks[0].register_forward_hook(lambda *args: ran.append(1))
+    with pytest.raises(ValueError, match="model chunk 1 is compiled with torch.compile.*weight_grad_split='module'"):
+        _run(chunks, weight_grad_split="autograd")
+    assert not ran  # refused at entry: no forward ran
+
+
+def test_module_split_needs_backward_dw_on_every_chunk():
+    with pytest.raises(ValueError, match="backward_dw\\(\\) method on every model chunk.*chunks \\[0, 1\\]"):
+        _run([_Block(), _Block()], weight_grad_split="module")
+
+
+@pytest.mark.parametrize("value", ["fast", None, 1])
+def test_weight_grad_split_takes_three_names(value):
+    with pytest.raises(ValueError, match="weight_grad_split must be 'auto', 'autograd' or 'module'"):
+        _run([_Block()], weight_grad_split=value)
+
+
+def test_auto_picks_the_module_split_only_when_every_chunk_defers():
+    from pipeschedule.runtime.split import AutogradSplit, ModuleSplit, choose_split
+
+    class Deferring(_Block):
+        def backward_dw(self):
+            pass
+
+    owner = lambda chunk: chunk  # noqa: E731
+    assert isinstance(choose_split("auto", [Deferring(), Deferring()], owner), ModuleSplit)
+    assert isinstance(choose_split("auto", [Deferring(), _Block()], owner), AutogradSplit)
+
+
+def test_a_non_reentrant_checkpoint_and_plain_blocks_split_bit_exactly_on_one_process():
+    torch.manual_seed(0)
+    chunks = [_Block(), _Block(reentrant=False), _Block()]
+    grads = {}
+    for name, func in (("zb", ps.forward_backward_pipelining_zero_bubble), ("interleaved", ps.forward_backward_pipelining_with_interleaving)):
+        for chunk in chunks:
+            chunk.zero_grad(set_to_none=True)
+            chunk.input_tensor = None
+        torch.manual_seed(1)
+        data = [torch.randn(2, 4, dtype=torch.float64) for _ in range(3)]
+        func(forward_step_func=_step, data_iterator=[iter(data), None, None], model=chunks, num_microbatches=3,
+             config=ps.PipelineConfig(pipeline_dtype=torch.float64, weight_grad_split="autograd"))
+        grads[name] = [q.grad.clone() for chunk in chunks for q in chunk.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(grads["zb"], grads["interleaved"], strict=True))
+
+
+def test_get_forward_backward_func_gives_zero_bubble_on_request():
+    assert ps.get_forward_backward_func(zero_bubble=True) is ps.forward_backward_pipelining_zero_bubble
+    with pytest.raises(TypeError, match="zero_bubble must be True or False"):
+        ps.get_forward_backward_func(zero_bubble="yes")

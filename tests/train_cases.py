@@ -26,7 +26,9 @@ from pipeschedule.training.mixed import agree_found_inf
 from pipeschedule.training.tied import make_finalize_model_grads, tied_embedding_weights
 
 
-def small_settings(*, p: int, v: int, dp: int, m: int = 4, steps: int = 3, clip_grad: float = 1.0) -> TrainSettings:
+def small_settings(
+    *, p: int, v: int, dp: int, m: int = 4, steps: int = 3, clip_grad: float = 1.0, zero_bubble: bool = False
+) -> TrainSettings:
     """A float64 GPT small enough for a test: 8 layers of width 16, sequences of 8 bytes.
 
     Warmup and cosine decay both happen within ``steps``, and a clip of 1.0 clips most steps.
@@ -34,7 +36,7 @@ def small_settings(*, p: int, v: int, dp: int, m: int = 4, steps: int = 3, clip_
     return TrainSettings(
         p=p, v=v, m=m, dp=dp, steps=steps, seq_length=8, micro_batch_size=2, hidden_size=16, num_layers=8,
         num_heads=2, ffn_hidden_size=32, lr=1e-2, min_lr=1e-3, lr_warmup=1, clip_grad=clip_grad, dtype=torch.float64,
-        loss_scale=2.0**8, compare_steps=steps,
+        loss_scale=2.0**8, compare_steps=steps, zero_bubble=zero_bubble,
     )
 
 
