@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import sys
@@ -244,3 +245,151 @@ def test_the_critical_path_of_a_simulated_step_adds_up_to_the_step(p: int, v: in
         assert path.message_gaps == pytest.approx(0.0) and path.local_gaps == pytest.approx(0.0)
         assert path.compute == pytest.approx((m + p - 1) * 3.0)
         assert len(path.actions) == 2 * (m + p - 1)
+
+
+# Split backwards (zero bubble): I and W actions, and weight passes nested in an exchange's span.
+
+
+def _check_chrome_nested(chrome: dict[str, Any], *, p: int) -> dict[int, list[dict[str, Any]]]:
+    """Like :func:`_check_chrome`, except that a weight pass may lie inside an exchange's span
+    (Perfetto draws it nested there); nothing else overlaps."""
+    assert json.loads(json.dumps(chrome)) == chrome
+    tracks = _tracks(chrome)
+    assert sorted(tracks) == list(range(p))
+    for events in tracks.values():
+        outer = sorted((e for e in events if not _inside_comm(e, events)), key=lambda e: e["ts"])
+        for a, b in itertools.pairwise(outer):
+            assert b["ts"] >= a["ts"] + a["dur"] - 1e-3
+        assert all(e["cat"] == "weight-gradient" for e in events if _inside_comm(e, events))
+    return tracks
+
+
+def _inside_comm(event: dict[str, Any], events: list[dict[str, Any]]) -> bool:
+    return event["cat"] != "comm" and any(
+        x["cat"] == "comm" and x["ts"] <= event["ts"] and event["ts"] + event["dur"] <= x["ts"] + x["dur"] and event["dur"] > 0
+        for x in events
+    )
+
+
+def test_input_and_weight_passes_round_trip_through_the_recorder() -> None:
+    recorder = TraceRecorder()
+    steps = [("F", 0, 0.0, 1.0), ("I", 0, 1.0, 2.5), ("W", 0, 2.5, 3.0), ("B", 1, 3.0, 5.0)]
+    for kind, mb, start, end in steps:
+        recorder(ScheduleEvent(0, "action", Action(kind, mb, 1, "steady"), None, 10.0 + start, 10.0 + end))
+    assert [(e.kind, e.microbatch, e.chunk, e.phase) for e in recorder.local_events()] == [
+        (kind, mb, 1, "steady") for kind, mb, _, _ in steps
+    ]
+    trace = recorder.gather()
+    assert trace is not None
+    assert [(e.kind, e.start, e.end) for e in trace.ranks[0]] == [(kind, start, end) for kind, _, start, end in steps]
+    tracks = _check_chrome(trace.to_chrome_trace(), p=1)
+    assert [(e["name"], e["cat"]) for e in tracks[0]] == [
+        ("F0.1", "forward"), ("I0.1", "input-gradient"), ("W0.1", "weight-gradient"), ("B1.1", "backward"),
+    ]
+    assert trace.busy() == [5.0] and trace.comm_wait() == [0.0]
+
+
+def test_a_simulated_zero_bubble_step_recorded_on_one_process() -> None:
+    from trace_cases import SimulatedCase, simulated_cost, simulated_events
+
+    from pipeschedule.plan import build_pipeline
+    from pipeschedule.plan.simulate import simulate
+
+    job = SimulatedCase(p=3, v=2, m=6)
+    plans = build_pipeline(p=job.p, v=job.v, m=job.m, schedule=job.schedule)
+    sim = simulate(plans, cost=simulated_cost())
+    for r in range(job.p):
+        recorder = TraceRecorder()
+        for event in simulated_events(job, r):
+            recorder(event)
+        trace = recorder.gather()
+        assert trace is not None
+        events = trace.ranks[0]
+        assert [(e.kind, e.microbatch, e.chunk, e.phase) for e in events if e.kind != "X"] == _planned(plans[r])
+        # The weight passes run while an exchange is in flight: inside its span, and not waiting.
+        nested = [
+            w for w in events if w.kind == "W"
+            and any(x.kind == "X" and x.start <= w.start and w.end <= x.end for x in events)
+        ]
+        assert len(nested) == sum(len(step.fill) for step in plans[r].steps if step.exchange) > 0
+        assert trace.comm_wait()[0] == pytest.approx(float(sim.ranks[r].wait))
+        assert trace.busy()[0] == pytest.approx(float(sim.ranks[r].busy))
+        cats = defaultdict(int)
+        for e in _check_chrome_nested(trace.to_chrome_trace(), p=1)[0]:
+            cats[e["cat"]] += 1
+        assert dict(cats) == {
+            "forward": job.m * job.v, "input-gradient": job.m * job.v, "weight-gradient": job.m * job.v,
+            "comm": sum(1 for ex in plans[r].exchanges if ex),
+        }
+
+
+def test_pool_gathers_input_and_weight_passes(pool: Any) -> None:
+    from trace_cases import SimulatedCase, run_simulated, simulated_cost
+
+    from pipeschedule.plan import build_pipeline
+    from pipeschedule.plan.simulate import simulate
+
+    job = SimulatedCase(p=3, v=1, m=4, group="1-3", dst=1)
+    results = pool.run(run_simulated, job)
+    errors = [out for out in results.values() if isinstance(out, JobError)]
+    assert not errors, errors[0].traceback
+    ran = {out["group_rank"]: out for out in results.values() if out is not None}
+    assert [r for r, out in ran.items() if out["ranks"] is not None] == [job.dst]
+    plans = build_pipeline(p=job.p, v=job.v, m=job.m, schedule=job.schedule)
+    sim = simulate(plans, cost=simulated_cost())
+    gathered = ran[job.dst]
+    for r, events in enumerate(gathered["ranks"]):
+        assert [(e.kind, e.microbatch, e.chunk, e.phase) for e in events if e.kind != "X"] == _planned(plans[r])
+        # One clock for all ranks: the times are the simulated ones, up to the alignment error.
+        origin = min(t.start for rank in sim.ranks for t in rank.actions)
+        assert [e.start for e in events if e.kind != "X"] == pytest.approx(
+            [float(t.start - origin) for t in sim.ranks[r].actions], abs=0.05
+        )
+        assert gathered["comm_wait"][r] == pytest.approx(float(sim.ranks[r].wait), abs=1e-6)
+    cats = {e["cat"] for track in _check_chrome_nested(gathered["chrome"], p=job.p).values() for e in track}
+    assert cats == {"forward", "input-gradient", "weight-gradient", "comm"}
+
+
+@pytest.mark.parametrize(("p", "v", "m"), [(2, 1, 3), (4, 1, 8), (4, 2, 8), (3, 2, 5)])
+def test_the_critical_path_of_a_simulated_zero_bubble_step(p: int, v: int, m: int) -> None:
+    from pipeschedule.plan import build_pipeline
+    from pipeschedule.plan.simulate import CostModel, simulate
+
+    sim = simulate(build_pipeline(p=p, v=v, m=m, schedule="zero-bubble"), cost=CostModel(tf=1.0, tb=1.0, tw=1.0), overlapped=True)
+    trace = PipelineTrace(ranks=tuple(
+        tuple(_event(r, a.action.kind, a.action.microbatch, a.start, a.end, a.action.chunk) for a in rank.actions)
+        for r, rank in enumerate(sim.ranks)
+    ))
+    path = trace.critical_path()
+    assert path.lead + path.compute + path.message_gaps + path.local_gaps + path.tail == pytest.approx(sim.step_time)
+    assert path.actions[0].kind == "F" and path.actions[0].microbatch == 0
+    # A weight pass takes no message: whatever precedes it on the path ran on its rank.
+    for edge, before, after in zip(path.edges, path.actions, path.actions[1:]):
+        if after.kind == "W":
+            assert edge == "local" and before.rank == after.rank
+        if edge == "message":
+            assert after.kind in ("F", "I") and before.kind == after.kind and before.rank != after.rank
+    assert {e.kind for e in path.actions} <= {"F", "I", "W"}
+    assert path.message_gaps == pytest.approx(0.0) and path.local_gaps == pytest.approx(0.0)
+
+
+def test_timeline_png_of_split_backwards_carries_their_times(tmp_path: Path) -> None:
+    from pipeschedule.tools.trace import _as_simulation
+
+    recorder = TraceRecorder()
+    clock = 1.0
+    steps = [("F", 0, 0.010), ("F", 1, 0.010), ("I", 0, 0.020), ("W", 0, 0.004), ("I", 1, 0.020), ("W", 1, 0.006)]
+    for kind, mb, length in steps:
+        recorder(ScheduleEvent(0, "action", Action(kind, mb, 0, "steady"), None, clock, clock + length))
+        clock += length
+    trace = recorder.gather()
+    assert trace is not None
+    picture = _as_simulation(trace)
+    assert not picture.forward_only
+    assert (picture.cost.tf, picture.cost.tb, picture.cost.tw) == (pytest.approx(10.0), pytest.approx(20.0), pytest.approx(5.0))
+    assert picture.ranks[0].peak_live_activations == 2 and picture.ranks[0].peak_awaiting_backward == 2
+    assert [t.action.kind for t in picture.ranks[0].actions] == ["F", "F", "I", "W", "I", "W"]
+    if importlib.util.find_spec("matplotlib") is not None:
+        path = tmp_path / "timeline.png"
+        trace.save_timeline_png(str(path))
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

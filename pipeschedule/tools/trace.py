@@ -1,8 +1,9 @@
 """Record what each rank did and when, and export it as a Chrome trace or a timeline picture.
 
 A :class:`TraceRecorder` is an observer (``PipelineConfig(observer=recorder)``): it keeps one row
-per action (kind, microbatch, chunk, phase, start, end) and one per exchange (start, end, the
-number of sends and receives: the span is time spent posting and waiting on communication).
+per action (kind ``F``, ``B``, ``I`` or ``W``, microbatch, chunk, phase, start, end) and one per
+exchange (start, end, the number of sends and receives: the span is time spent posting and waiting
+on communication).
 Rows are plain numbers, so gathering them is one fixed-shape ``float64`` collective, with no
 pickling.
 
@@ -13,9 +14,11 @@ local ``t0``, rank 0 answers with its clock reading ``t_ref``, the answer arrive
 and ``offset = t_ref - (t0 + t1) / 2``. The error is at most half the round trip, so of several
 rounds the one with the shortest round trip is kept. Aligned time is ``local + offset``.
 
-Invariants of a gathered :class:`PipelineTrace`: per rank, rows are in the order they were observed,
-which is the order they ran (an observer is told after each action or exchange ends, and those
-never overlap on one rank), so starts are non-decreasing and every ``end >= start``.
+Invariants of a gathered :class:`PipelineTrace`: per rank, rows are in the order they were observed
+(an observer is told after each action or exchange ends) and every ``end >= start``. Actions never
+overlap each other on one rank. An exchange's span may hold the weight passes (``W``) a zero-bubble
+step runs while that exchange is in flight: they end first, so their rows come first, and apart
+from them starts are non-decreasing.
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ from pipeschedule.plan import Action
 __all__ = ["CriticalPath", "PipelineTrace", "TraceRecorder", "TracedEvent"]
 
 # Row layout of the gathered float64 tensor; codes keep the exchange free of strings.
-_KIND_CODES = {"F": 0, "B": 1, "X": 2}  # X: an exchange
+_KIND_CODES = {"F": 0, "B": 1, "X": 2, "I": 3, "W": 4}  # X: an exchange
+_KINDS = {code: kind for kind, code in _KIND_CODES.items()}
+# Chrome trace categories of the actions.
+_CATEGORIES = {"F": "forward", "B": "backward", "I": "input-gradient", "W": "weight-gradient"}
 _PHASE_CODES = {"warmup": 0, "steady": 1, "cooldown": 2}
 _WIDTH = 9  # kind, microbatch, chunk, phase, start, end, sends, recvs, held bytes (-1: not recorded)
 _PING_ROUNDS = 8
@@ -42,7 +48,8 @@ _PING_ROUNDS = 8
 
 @dataclass(frozen=True)
 class TracedEvent:
-    """One action (``kind`` ``"F"`` or ``"B"``) or exchange (``kind`` ``"X"``) on ``rank``.
+    """One action (``kind`` ``"F"``, ``"B"``, or a split backward's ``"I"`` and ``"W"``) or exchange
+    (``kind`` ``"X"``) on ``rank``.
 
     ``start`` and ``end`` are seconds on the aligned clock, relative to the trace's origin once
     gathered. For an exchange, ``microbatch``, ``chunk`` and ``phase`` are ``-1`` / ``""`` and
@@ -77,7 +84,8 @@ class CriticalPath:
 
     Walking back from the action that ended last: each action waited either for the action before
     it on its rank or for the message its input came in (the forward before it, one stage back, or
-    the backward after it, one stage on), whichever ended later. ``actions`` lists the chain from
+    the backward, ``B`` or ``I``, after it, one stage on), whichever ended later. A weight pass
+    ``W`` takes no message; it waits for the action before it. ``actions`` lists the chain from
     the first action to the last; ``edges[i]`` says what ``actions[i + 1]`` waited for
     (``"message"`` or ``"local"``). The step, from its first event's start to its last event's
     end, splits exactly into::
@@ -128,8 +136,9 @@ class PipelineTrace:
         return 1 + max((e.chunk for rank in self.ranks for e in rank), default=0)
 
     def comm_wait(self) -> list[float]:
-        """Seconds each rank spent in exchanges (posting and waiting on communication)."""
-        return [sum(e.duration for e in rank if e.kind == "X") for rank in self.ranks]
+        """Seconds each rank spent in exchanges (posting and waiting on communication), not counting
+        the weight passes that ran inside an exchange's span."""
+        return [_outside_actions(rank) for rank in self.ranks]
 
     def peak_held_bytes(self) -> list[int | None]:
         """Per rank, the most bytes of stage inputs and outputs held after any action (``None`` if not recorded)."""
@@ -169,7 +178,8 @@ class PipelineTrace:
             e = chain[-1]
             stage = e.chunk * p + r
             source = stage - 1 if e.kind == "F" else stage + 1
-            producer = where.get((e.kind, e.microbatch, source))  # None past either end of the pipeline
+            # None past either end of the pipeline, and for W, which takes no message.
+            producer = None if e.kind == "W" else where.get((e.kind, e.microbatch, source))
             before = actions[r][i - 1] if i > 0 else None
             if producer is not None and (before is None or actions[producer[0]][producer[1]].end > before.end):
                 r, i = producer
@@ -195,8 +205,10 @@ class PipelineTrace:
         """The Chrome trace-event JSON object (``{"traceEvents": [...]}``) that Perfetto opens.
 
         One process ("pipeline") with one thread track per rank; actions are complete events
-        (``"ph": "X"``) named like the plan grid (``F3.1``), exchanges are ``comm`` events on the
-        same track. Timestamps and durations are microseconds.
+        (``"ph": "X"``) named like the plan grid (``F3.1``), in category ``forward``, ``backward``,
+        ``input-gradient`` (``I``) or ``weight-gradient`` (``W``); exchanges are ``comm`` events on
+        the same track, a weight pass run while one was in flight nested in it. Timestamps and
+        durations are microseconds.
         """
         v = self.v
         events: list[dict[str, Any]] = [{"ph": "M", "pid": 0, "name": "process_name", "args": {"name": "pipeline"}}]
@@ -208,7 +220,7 @@ class PipelineTrace:
                 if e.kind == "X":
                     cat, args = "comm", {"sends": e.sends, "recvs": e.recvs}
                 else:
-                    cat = "forward" if e.kind == "F" else "backward"
+                    cat = _CATEGORIES[e.kind]
                     args = {"microbatch": e.microbatch, "chunk": e.chunk, "phase": e.phase}
                 events.append({
                     "ph": "X", "pid": 0, "tid": r, "name": e.label(v), "cat": cat,
@@ -329,7 +341,7 @@ class TraceRecorder:
 
 def _decode(rank: int, row: Any) -> TracedEvent:
     code, mb, chunk, phase, start, end, sends, recvs, held = (float(x) for x in row)
-    kind = "FBX"[int(code)]
+    kind = _KINDS[int(code)]
     phase_name = "" if kind == "X" else ("warmup", "steady", "cooldown")[int(phase)]
     return TracedEvent(rank, kind, int(mb), int(chunk), phase_name, start, end, int(sends), int(recvs), None if held < 0 else int(held))
 
@@ -346,6 +358,29 @@ def _build(per_rank: list[torch.Tensor]) -> PipelineTrace:
             for e in events
         ))
     return PipelineTrace(ranks=tuple(ranks))
+
+
+def _outside_actions(events: tuple[TracedEvent, ...]) -> float:
+    """The seconds of ``events``' exchanges that no action of theirs overlaps.
+
+    Actions never overlap each other, so each exchange loses the sum of its overlaps with them.
+    An action inside an exchange ends first and is observed first: it is among the rows before.
+    """
+    actions = [e for e in events if e.kind != "X"]
+    total, first = 0.0, 0
+    for e in events:
+        if e.kind != "X":
+            continue
+        # Skip the actions that ended before this exchange began (rows are nearly sorted).
+        while first < len(actions) and actions[first].end <= e.start:
+            first += 1
+        inside = 0.0
+        for a in actions[first:]:
+            if a.start >= e.end:
+                break
+            inside += max(0.0, min(a.end, e.end) - max(a.start, e.start))
+        total += e.duration - inside
+    return total
 
 
 def _clock_offset(*, group: dist.ProcessGroup | None, me: int, size: int) -> float:
@@ -372,7 +407,12 @@ def _clock_offset(*, group: dist.ProcessGroup | None, me: int, size: int) -> flo
 
 def _as_simulation(trace: PipelineTrace) -> Any:
     """The measured actions dressed as a :class:`~pipeschedule.plan.simulate.Simulation`, times in ms,
-    so that the simulator's picture draws them."""
+    so that the simulator's picture draws them.
+
+    Its cost model holds the measured mean times, per microbatch through one rank's share of the
+    model as :class:`~pipeschedule.plan.simulate.CostModel` counts them: ``tf`` from the forwards,
+    ``tb`` from the whole backwards or the input-gradient halves, ``tw`` from the weight passes.
+    """
     from pipeschedule.plan.simulate import CostModel, RankTimeline, Simulation, TimedAction
 
     v = trace.v
@@ -384,17 +424,40 @@ def _as_simulation(trace: PipelineTrace) -> Any:
             for e in rank if e.kind != "X"
         )
         busy = sum(a.end - a.start for a in actions)
-        wait = sum(e.duration for e in rank if e.kind == "X") * 1e3
+        wait = _outside_actions(rank) * 1e3
         busy_total += busy
         timelines.append(RankTimeline(
             rank=r, warmup=sum(1 for a in actions if a.action.phase == "warmup"), actions=actions, exchanges=(),
             busy=busy, wait=wait, end=max((a.end for a in actions), default=0.0),
-            bubble_fraction=1 - busy / step if step else 0.0, peak_live_activations=0,
+            bubble_fraction=1 - busy / step if step else 0.0,
+            peak_live_activations=_peak(actions, ("B", "W")), peak_awaiting_backward=_peak(actions, ("B", "I")),
         ))
     p = len(trace.ranks)
     m = 1 + max((e.microbatch for rank in trace.ranks for e in rank), default=0)
+    durations: dict[str, list[float]] = {kind: [] for kind in _CATEGORIES}
+    for timeline in timelines:
+        for a in timeline.actions:
+            durations[a.action.kind].append(float(a.end - a.start))
+
+    def mean(*kinds: str) -> float:  # per microbatch through all v chunks of a rank
+        values = [x for kind in kinds for x in durations[kind]]
+        return v * sum(values) / len(values) if values else 0.0
+
     return Simulation(
-        p=p, v=v, m=m, forward_only=not any(e.kind == "B" for rank in trace.ranks for e in rank),
-        group_size=p, cost=CostModel(), ranks=tuple(timelines), step_time=step,
-        bubble_fraction=1 - busy_total / (p * step) if step else 0.0,
+        p=p, v=v, m=m, forward_only=not any(durations[kind] for kind in ("B", "I", "W")),
+        group_size=p, cost=CostModel(tf=mean("F"), tb=mean("B", "I"), tw=mean("W")), ranks=tuple(timelines),
+        step_time=step, bubble_fraction=1 - busy_total / (p * step) if step else 0.0,
     )
+
+
+def _peak(actions: tuple[Any, ...], ends: tuple[str, ...]) -> int:
+    """The most forwards whose ``ends`` action (``B`` or ``W``: released; ``B`` or ``I``: backward
+    done) had not run yet, over the measured order."""
+    live = peak = 0
+    for timed in actions:
+        if timed.action.kind == "F":
+            live += 1
+            peak = max(peak, live)
+        elif timed.action.kind in ends:
+            live -= 1
+    return peak
