@@ -26,7 +26,11 @@ class ScheduleEvent:
     ``start`` and ``end`` are ``time.perf_counter()`` readings on this rank; for an exchange the
     span is the time spent posting and waiting on communication. An observer with a true attribute
     ``wants_held_bytes`` also gets, after each action, the bytes of the stage inputs and outputs
-    this rank still holds (kept for backward, waiting to be sent or consumed), storages counted once.
+    this rank still holds (kept for backward, waiting to be sent or consumed), storages counted once,
+    and in a zero-bubble step ``pending_weight_bytes``: what the pending weight passes hold. With
+    the autograd split that is every tensor their graphs saved in forward plus the gradients
+    captured for them (storages counted once); with the module split only what the schedule holds
+    (nothing), since the layers keep their deferred operands themselves.
     """
 
     rank: int
@@ -36,6 +40,7 @@ class ScheduleEvent:
     start: float
     end: float
     held_bytes: int | None = None  # after an action, when the observer asks for it (see below)
+    pending_weight_bytes: int | None = None  # zero bubble, when the observer asks for held bytes
 
 
 @dataclass(frozen=True)

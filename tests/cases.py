@@ -286,6 +286,7 @@ def run_case(case: Case, rank: int, groups: dict) -> dict[str, Any] | None:
         "grads": {} if case.forward_only else {c.stage: [p.grad.numpy().copy() for p in c.parameters()] for c in chunks},
         "actions": [(e.action.kind, e.action.microbatch, e.action.chunk, e.action.phase) for e in events if e.what == "action"],
         "peak_held_bytes": max((e.held_bytes for e in events if e.what == "action"), default=0),
+        "pending_weight_bytes": [e.pending_weight_bytes for e in events if e.what == "action"],
     }
 
 

@@ -39,9 +39,11 @@ def run(schedule_name, case, config_kwargs, chunks=None):
         "none": ps.forward_backward_no_pipelining,
         "1f1b": ps.forward_backward_pipelining_without_interleaving,
         "interleaved": ps.forward_backward_pipelining_with_interleaving,
+        "zero-bubble": ps.forward_backward_pipelining_zero_bubble,
     }[schedule_name]
-    model = chunks if schedule_name == "interleaved" else chunks[0]
-    data = [Batches(case) for _ in chunks] if schedule_name == "interleaved" else Batches(case)
+    listed = schedule_name == "interleaved" or (schedule_name == "zero-bubble" and len(chunks) > 1)
+    model = chunks if listed else chunks[0]
+    data = [Batches(case) for _ in chunks] if listed else Batches(case)
     out = func(forward_step_func=forward_step, data_iterator=data, model=model, num_microbatches=case.m,
                forward_only=case.forward_only, config=config)
     return out, chunks
@@ -189,3 +191,36 @@ def test_config_falls_back_to_the_first_chunk_and_reads_foreign_objects():
 def test_get_forward_backward_func_without_a_process_group():
     assert ps.get_forward_backward_func() is ps.forward_backward_no_pipelining
     assert ps.get_forward_backward_func(virtual_pipeline_model_parallel_size=2) is ps.forward_backward_no_pipelining
+
+
+def test_zero_bubble_syncs_each_chunk_right_after_its_last_weight_pass():
+    # The weight's gradient hook fires in W (the autograd split): a chunk's gradients are complete
+    # after its last W, and grad_sync_func of that chunk comes right then, inside no_sync for none.
+    case = Case("zero-bubble", p=1, v=3, m=3)
+    chunks = [Stage(s, 3, 0) for s in range(3)]
+    rec = Recorder(chunks)
+    synced = []
+
+    def grad_sync(params):
+        params = list(params)
+        synced.append((next(c for c, ch in enumerate(chunks) if ch.weight is params[0]), len(rec.log)))
+
+    run("zero-bubble", case, {"no_sync_func": [rec.no_sync(c) for c in range(3)], "grad_sync_func": grad_sync,
+                              "weight_grad_split": "autograd"}, chunks)
+    weights = [(i, c) for i, (kind, c, _) in enumerate(rec.log) if kind == "B"]
+    assert len(weights) == 9 and sorted(c for c, _ in synced) == [0, 1, 2]
+    for chunk, at in synced:
+        last = max(i for i, c in weights if c == chunk)
+        assert at == last + 1, (chunk, at, weights)  # nothing of the pipeline ran in between
+    assert all(state == {0, 1, 2} for kind, _, state in rec.log)
+
+
+def test_zero_bubble_without_grad_sync_leaves_no_sync_for_each_chunks_last_weight_pass():
+    case = Case("zero-bubble", p=1, v=2, m=3)
+    chunks = [Stage(s, 2, 0) for s in range(2)]
+    rec = Recorder(chunks)
+    run("zero-bubble", case, {"no_sync_func": rec.no_sync("all"), "weight_grad_split": "autograd"}, chunks)
+    plan = ps.build_plan(p=1, r=0, v=2, m=3, schedule="zero-bubble")
+    last = [a.microbatch == case.m - 1 for a in plan.actions if a.kind == "W"]
+    assert [bool(state) for kind, _, state in rec.log if kind == "B"] == [not x for x in last]
+    assert not rec.open

@@ -45,6 +45,48 @@ def test_named_zero_bubble_configurations(pool, case):
     check_against_reference(case, pool.run(run_case, case), exact=True)
 
 
+@pytest.mark.parametrize("split", ["autograd", "module"])
+def test_pending_weight_bytes_follow_the_plans_pending_count(pool, split):
+    # Autograd split: a pending W holds its graph's saved tensors and captured gradients, the same
+    # for every microbatch; after each action the count of pending W's is the plan's.
+    import numpy as np
+
+    from pipeschedule.plan import build_plan
+
+    case = Case("zero-bubble", p=4, v=1, m=8, split=split, variant="module" if split == "module" else "")
+    results = {out["group_rank"]: out for out in pool.run(run_case, case).values() if out is not None}
+    for r, out in results.items():
+        per_count: dict[int, set[int]] = {}
+        plan = build_plan(p=4, r=r, v=1, m=8, schedule="zero-bubble")
+        pending, counts = set(), []
+        for action in plan.actions:
+            if action.kind == "I":
+                pending.add(action.microbatch)
+            elif action.kind == "W":
+                pending.discard(action.microbatch)
+            counts.append(len(pending))
+        got = out["pending_weight_bytes"]
+        assert len(got) == len(counts) and max(counts) == r + 1 if r else max(counts) <= 1
+        if split == "module":
+            assert set(got) == {0}  # the layers hold their deferred operands; the schedule holds nothing
+            continue
+        assert got[-1] == 0
+        for count, nbytes in zip(counts, got, strict=True):
+            assert (count == 0) == (nbytes == 0), (r, counts, got)
+            if count:
+                per_count.setdefault(count, set()).add(nbytes)
+        # The figure grows with the count of pending W's. Off the last stage it is one figure per
+        # count, growing by the same step (one pending W's bytes; the first also holds the
+        # parameters the graphs share); the loss stage's graphs also hold microbatch-sized scalars
+        # whose storages the allocator may place anywhere, so only the order is asserted there.
+        ordered = [per_count[c] for c in sorted(per_count)]
+        assert all(max(a) < min(b) for a, b in zip(ordered, ordered[1:])), (r, per_count)
+        if r < 3:
+            assert all(len(f) == 1 for f in ordered), (r, per_count)
+            steps = np.diff([0] + [next(iter(f)) for f in ordered])
+            assert len(set(steps[1:])) <= 1 and steps[0] >= steps[-1] > 0, (r, steps)
+
+
 # -- on one process: the split's refusals, the API ------------------------------------------------
 
 import torch  # noqa: E402

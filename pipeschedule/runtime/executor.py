@@ -64,6 +64,19 @@ def _input_setter(chunk: torch.nn.Module) -> Callable[[torch.Tensor | None], Non
     return missing
 
 
+@contextlib.contextmanager
+def _counting_saved(storages: dict[int, int]):
+    """Within: note the storage (address, bytes) of every tensor autograd saves; the tensors are kept as they are."""
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield
+
+
 def run_backward(output: torch.Tensor, grad: torch.Tensor | None) -> None:
     """Backpropagate ``grad`` from ``output`` into the graph, accumulating into ``.grad`` as usual.
 
@@ -119,6 +132,8 @@ class PlanRunner(FailureHandling):
             if plan.zero_bubble else None
         )
         self.graph_checked: set[int] = set()  # chunks whose graph the split has looked at this step
+        # Zero bubble, for an observer that wants held bytes: the storages each forward's graph saved.
+        self.graph_storages: dict[tuple[int, int], dict[int, int]] = {}
         self.local: deque[torch.Tensor] = deque()  # messages to this same rank (p = 1, several chunks)
         self.store: list[Any] = []
         self.num_tokens: torch.Tensor | None = None
@@ -251,7 +266,20 @@ class PlanRunner(FailureHandling):
         if observer is not None:
             end = time.perf_counter()
             held = held_bytes(self._held_tensors()) if self.report_held_bytes else None
-            observer(ScheduleEvent(self.link.rank, "action", action, None, start, end, held))
+            pending = self._pending_weight_bytes() if self.report_held_bytes and self.split is not None else None
+            observer(ScheduleEvent(self.link.rank, "action", action, None, start, end, held, pending))
+
+    def _pending_weight_bytes(self) -> int:
+        """What the pending weight passes hold: their graphs' saved storages and captured gradients."""
+        storages: dict[int, int] = {}
+        for key, pending in self.weights.items():
+            storages.update(self.graph_storages.get(key, {}))
+            for group in pending.groups or ():
+                for grads in group.captured:
+                    for g in grads or ():
+                        if g is not None:
+                            storages[g.untyped_storage().data_ptr()] = g.untyped_storage().nbytes()
+        return sum(storages.values())
 
     def _held_tensors(self) -> list[torch.Tensor | None]:
         """Every stage input and output this rank holds right now."""
@@ -275,7 +303,9 @@ class PlanRunner(FailureHandling):
             input_tensor.requires_grad_(True)
         self.input_setters[chunk](input_tensor)
         grad_mode = torch.no_grad() if self.plan.forward_only else _NOTHING if torch.is_grad_enabled() else torch.enable_grad()
-        with grad_mode:
+        counting = self.split is not None and self.split.name == "autograd" and self.report_held_bytes and not self.plan.forward_only
+        saved_by_graph = self.graph_storages.setdefault((action.microbatch, chunk), {}) if counting else None
+        with grad_mode, (_counting_saved(saved_by_graph) if counting else _NOTHING):
             try:
                 result = self.forward_step_func(self.data_iterators[chunk], self.chunks[chunk])
             except StopIteration as exc:
@@ -377,7 +407,9 @@ class PlanRunner(FailureHandling):
 
     def _weight_backward(self, action: Action) -> None:
         """``W``: the weights' gradients of one microbatch through one chunk."""
-        self.split.weight_pass(self.weights.pop((action.microbatch, action.chunk)), action.chunk)
+        key = (action.microbatch, action.chunk)
+        self.split.weight_pass(self.weights.pop(key), action.chunk)
+        self.graph_storages.pop(key, None)
 
     def _send_input_grad(self, action: Action, input_tensor: torch.Tensor | None) -> None:
         out_msg = self.plan.output_message(action)
