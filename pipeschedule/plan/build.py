@@ -25,7 +25,7 @@ import gc
 
 import pipeschedule.plan.orders as orders
 from pipeschedule.plan.orders import _check_sizes, choose_group_size, order_table, phase_counts
-from pipeschedule.plan.steps import Action, Exchange, Message, RankPlan, Step, input_tuple, output_tuple, rank_of
+from pipeschedule.plan.steps import Exchange, Message, RankPlan, Step, message_table, new_action, new_message, rank_of
 
 __all__ = ["build_pipeline", "build_plan", "lockstep_receives"]
 
@@ -45,13 +45,18 @@ def _sent_at(p: int, r: int, v: int, steps: list[orders.StepTuple], *, to: int |
     """For each message rank ``r`` sends (to rank ``to`` only, if given): (exchange index, position
     among that exchange's sends). Activations go first in an exchange."""
     where = {}
-    n = p * v
+    out = message_table(p, r, v)[1]
+    ranks = [rank_of(p, stage) for stage in range(p * v)]
     for i, (actions, _) in enumerate(steps):
-        outputs = [msg for a in actions if (msg := output_tuple(a, p, r, n)) is not None]
+        outputs = []
+        for kind, mb, chunk, _ in actions:
+            sent = out[kind, chunk]
+            if sent is not None:
+                outputs.append((sent[0], mb, sent[1], sent[2]))
         if len(outputs) == 2 and outputs[0][0] != "act":
             outputs.reverse()
         for k, msg in enumerate(outputs):
-            if to is None or rank_of(p, msg[3]) == to:
+            if to is None or ranks[msg[3]] == to:
                 where[msg] = (i + 1, k)  # exchange 0 is the initial receive; step i posts exchange i + 1
     return where
 
@@ -86,37 +91,41 @@ def _rank_plan(
         warmup, lag = clocks[r]
         return t - r if t - r <= warmup else max(warmup, t - lag)
 
+    inp = message_table(p, r, v)[0]
+    ranks = [rank_of(p, stage) for stage in range(stages)]
     placed: dict[tuple, int] = {}
     for i, (actions, _) in enumerate(mine):
-        for action in actions:
-            msg = input_tuple(action, p, r, stages)
-            if msg is not None:
-                if lockstep:
-                    sender = rank_of(p, msg[2])
-                    placed[msg] = max(0, min(i, index_at(time_of(sender, sent_at[sender][msg][0]))))
-                else:
-                    placed[msg] = i
+        for kind, mb, chunk, _ in actions:
+            got = inp[kind, chunk]
+            if got is None:
+                continue
+            msg = (got[0], mb, got[1], got[2])
+            if lockstep:
+                sender = ranks[msg[2]]
+                placed[msg] = max(0, min(i, index_at(time_of(sender, sent_at[sender][msg][0]))))
+            else:
+                placed[msg] = i
     # A receive may not come after a later message from the same sender: pull it earlier.
     by_sender: dict[int, list[tuple]] = {}
     for msg in placed:
-        by_sender.setdefault(rank_of(p, msg[2]), []).append(msg)
+        by_sender.setdefault(ranks[msg[2]], []).append(msg)
     recvs: list[list[Message]] = [[] for _ in range(len(mine) + 1)]
     for sender in sorted(by_sender):
         on_channel = sorted(by_sender[sender], key=sent_at[sender].__getitem__)
         for earlier, later in zip(reversed(on_channel[:-1]), reversed(on_channel[1:])):
             placed[earlier] = min(placed[earlier], placed[later])
         for msg in on_channel:
-            recvs[placed[msg]].append(Message(*msg))
+            recvs[placed[msg]].append(new_message(*msg))
     sends: list[list[Message]] = [[] for _ in range(len(mine) + 1)]
     for msg, (i, _) in sorted(sent_at[r].items(), key=lambda item: item[1]):
-        sends[i].append(Message(*msg))
+        sends[i].append(new_message(*msg))
     exchanges = [Exchange(sends=tuple(s), recvs=tuple(x)) for s, x in zip(sends, recvs)]
     return RankPlan(
         p=p, r=r, v=v, m=m, forward_only=forward_only, group_size=g,
         counts=phase_counts(p=p, r=r, v=v, m=m, forward_only=forward_only, group_size=g, zero_bubble=schedule == "zero-bubble"),
         first=exchanges[0],
         steps=tuple(
-            Step(actions=tuple(Action(*a) for a in actions), exchange=ex, fill=tuple(Action(*a) for a in fill))
+            Step(actions=tuple(new_action(*a) for a in actions), exchange=ex, fill=tuple(new_action(*a) for a in fill))
             for (actions, fill), ex in zip(mine, exchanges[1:])
         ),
         schedule="zero-bubble" if schedule == "zero-bubble" and not forward_only else "1f1b",

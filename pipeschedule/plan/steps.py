@@ -226,3 +226,36 @@ def output_tuple(action: tuple, p: int, r: int, num_stages: int) -> tuple | None
     if kind == "W":
         return None
     return None if stage == 0 else ("grad", mb, stage, stage - 1)
+
+
+def message_table(p: int, r: int, v: int) -> tuple[dict[tuple[str, int], tuple | None], dict[tuple[str, int], tuple | None]]:
+    """Rank ``r``'s (inputs, outputs): for each ``(kind, chunk)``, ``(message kind, src_stage,
+    dst_stage)`` or ``None`` (the same as :func:`input_tuple` and :func:`output_tuple`, looked up
+    instead of computed: planning asks tens of thousands of times)."""
+    n = p * v
+    inputs: dict[tuple[str, int], tuple | None] = {}
+    outputs: dict[tuple[str, int], tuple | None] = {}
+    for kind in ("F", "B", "I", "W"):
+        for chunk in range(v):
+            got = input_tuple((kind, 0, chunk), p, r, n)
+            inputs[kind, chunk] = None if got is None else (got[0], got[2], got[3])
+            sent = output_tuple((kind, 0, chunk), p, r, n)
+            outputs[kind, chunk] = None if sent is None else (sent[0], sent[2], sent[3])
+    return inputs, outputs
+
+
+def new_action(kind: str, microbatch: int, chunk: int, phase: str, _new=object.__new__) -> Action:
+    """``Action(kind, microbatch, chunk, phase)``, built without the frozen dataclass's per-field
+    ``__setattr__`` (a third of the cost; planning builds one per action)."""
+    action = _new(Action)
+    fields = action.__dict__
+    fields["kind"], fields["microbatch"], fields["chunk"], fields["phase"] = kind, microbatch, chunk, phase
+    return action
+
+
+def new_message(kind: str, microbatch: int, src_stage: int, dst_stage: int, _new=object.__new__) -> Message:
+    """``Message(...)``, built as :func:`new_action` builds actions."""
+    message = _new(Message)
+    fields = message.__dict__
+    fields["kind"], fields["microbatch"], fields["src_stage"], fields["dst_stage"] = kind, microbatch, src_stage, dst_stage
+    return message
