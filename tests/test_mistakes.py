@@ -123,6 +123,8 @@ def called(arg: tuple, rank: int, groups: dict) -> dict[str, Any] | None:
         calculate_per_token_loss=mine.get("per_token", False),
     )
     schedule = ps.forward_backward_pipelining_with_interleaving if v > 1 else ps.forward_backward_pipelining_without_interleaving
+    if mine.get("zero_bubble"):
+        schedule = ps.forward_backward_pipelining_zero_bubble
     m = mine.get("m", case.m)
     step = forward_step
     if "detach" in overrides and r == odd:
@@ -201,6 +203,9 @@ MISMATCHES = [
      ["no headers", "variable_seq_lengths=True"]),
     ("per-token-loss", Case("1f1b", p=4, v=1, m=4), 1, {"per_token": True},
      ["calculate_per_token_loss=False", "calculate_per_token_loss=True"]),
+    ("zero-bubble-and-1f1b", Case("1f1b", p=4, v=1, m=4), 2, {"zero_bubble": True}, ["1F1B or interleaved 1F1B", "zero bubble"]),
+    ("zero-bubble-and-interleaved", Case("interleaved", p=4, v=2, m=4), 0, {"zero_bubble": True},
+     ["1F1B or interleaved 1F1B", "zero bubble"]),
 ]
 
 
