@@ -25,7 +25,7 @@ import gc
 
 import pipeschedule.plan.orders as orders
 from pipeschedule.plan.orders import _check_sizes, choose_group_size, order_table, phase_counts
-from pipeschedule.plan.steps import Exchange, Message, RankPlan, Step, message_table, new_action, new_message, rank_of
+from pipeschedule.plan.steps import Message, RankPlan, message_table, new_action, new_exchange, new_message, new_step, rank_of
 
 __all__ = ["build_pipeline", "build_plan", "lockstep_receives"]
 
@@ -45,20 +45,31 @@ def _sent_at(p: int, r: int, v: int, steps: list[orders.StepTuple], *, to: int |
     """For each message rank ``r`` sends (to rank ``to`` only, if given): (exchange index, position
     among that exchange's sends). Activations go first in an exchange."""
     where = {}
-    out = message_table(p, r, v)[1]
+    out = _by_kind(message_table(p, r, v)[1], v)
     ranks = [rank_of(p, stage) for stage in range(p * v)]
-    for i, (actions, _) in enumerate(steps):
+    for i, (actions, _) in enumerate(steps, start=1):  # exchange 0 is the initial receive; step i - 1 posts exchange i
+        if len(actions) == 1:
+            kind, mb, chunk, _ = actions[0]
+            sent = out[kind][chunk]
+            if sent is not None and (to is None or ranks[sent[2]] == to):
+                where[(sent[0], mb, sent[1], sent[2])] = (i, 0)
+            continue
         outputs = []
         for kind, mb, chunk, _ in actions:
-            sent = out[kind, chunk]
+            sent = out[kind][chunk]
             if sent is not None:
                 outputs.append((sent[0], mb, sent[1], sent[2]))
         if len(outputs) == 2 and outputs[0][0] != "act":
             outputs.reverse()
         for k, msg in enumerate(outputs):
             if to is None or ranks[msg[3]] == to:
-                where[msg] = (i + 1, k)  # exchange 0 is the initial receive; step i posts exchange i + 1
+                where[msg] = (i, k)
     return where
+
+
+def _by_kind(table: dict[tuple[str, int], tuple | None], v: int) -> dict[str, list[tuple | None]]:
+    """A message table indexed ``[kind][chunk]`` (cheaper than a tuple key in the hot loops)."""
+    return {kind: [table[kind, chunk] for chunk in range(v)] for kind in ("F", "B", "I", "W")}
 
 
 def _clock(p: int, r: int, v: int, m: int, g: int, schedule: str) -> tuple[int, int]:
@@ -81,28 +92,26 @@ def _rank_plan(
 
     # The exchange that receives each input: just before its consumer, or, in lockstep, at the
     # pipeline time its sender sends it if that is earlier.
+    # Pipeline time of exchange e on rank q: e + q up to q's warmup W_q, e + lag_q after (_clock).
     clocks = {q: _clock(p, q, v, m, g, schedule) for q in sent_at} if lockstep else {}
-
-    def time_of(q: int, i: int) -> int:
-        warmup, lag = clocks[q]
-        return i + (q if i <= warmup else lag)
-
-    def index_at(t: int) -> int:  # rank r's exchange at pipeline time t (the latest not after it)
-        warmup, lag = clocks[r]
-        return t - r if t - r <= warmup else max(warmup, t - lag)
-
-    inp = message_table(p, r, v)[0]
+    my_warmup, my_lag = clocks.get(r, (0, r))
+    inp = _by_kind(message_table(p, r, v)[0], v)
     ranks = [rank_of(p, stage) for stage in range(stages)]
     placed: dict[tuple, int] = {}
     for i, (actions, _) in enumerate(mine):
         for kind, mb, chunk, _ in actions:
-            got = inp[kind, chunk]
+            got = inp[kind][chunk]
             if got is None:
                 continue
             msg = (got[0], mb, got[1], got[2])
             if lockstep:
                 sender = ranks[msg[2]]
-                placed[msg] = max(0, min(i, index_at(time_of(sender, sent_at[sender][msg][0]))))
+                warmup, lag = clocks[sender]
+                e = sent_at[sender][msg][0]
+                t = e + (sender if e <= warmup else lag)
+                # Rank r's exchange at pipeline time t (the latest not after it).
+                at = t - r if t - r <= my_warmup else max(my_warmup, t - my_lag)
+                placed[msg] = max(0, min(i, at))
             else:
                 placed[msg] = i
     # A receive may not come after a later message from the same sender: pull it earlier.
@@ -119,13 +128,13 @@ def _rank_plan(
     sends: list[list[Message]] = [[] for _ in range(len(mine) + 1)]
     for msg, (i, _) in sorted(sent_at[r].items(), key=lambda item: item[1]):
         sends[i].append(new_message(*msg))
-    exchanges = [Exchange(sends=tuple(s), recvs=tuple(x)) for s, x in zip(sends, recvs)]
+    exchanges = [new_exchange(tuple(s), tuple(x)) for s, x in zip(sends, recvs)]
     return RankPlan(
         p=p, r=r, v=v, m=m, forward_only=forward_only, group_size=g,
         counts=phase_counts(p=p, r=r, v=v, m=m, forward_only=forward_only, group_size=g, zero_bubble=schedule == "zero-bubble"),
         first=exchanges[0],
         steps=tuple(
-            Step(actions=tuple(new_action(*a) for a in actions), exchange=ex, fill=tuple(new_action(*a) for a in fill))
+            new_step(tuple([new_action(*a) for a in actions]), ex, tuple([new_action(*a) for a in fill]) if fill else ())
             for (actions, fill), ex in zip(mine, exchanges[1:])
         ),
         schedule="zero-bubble" if schedule == "zero-bubble" and not forward_only else "1f1b",
