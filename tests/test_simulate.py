@@ -222,3 +222,72 @@ def test_plans_must_cover_every_rank() -> None:
     plans = build_pipeline(p=3, m=3)
     with pytest.raises(ValueError, match=r"got ranks \[0, 2\] for p=3"):
         simulate([plans[0], plans[2]])
+
+
+# -- the weight-gradient time and five-entry overrides ---------------------------------------------
+
+def test_weight_time_is_charged_to_w_and_to_whole_backwards() -> None:
+    from pipeschedule.plan import Action
+
+    cost = CostModel(tf=Fraction(3), tb=Fraction(4), tw=Fraction(2))
+    durations = {kind: cost.duration(Action(kind, 0, 1, "steady"), rank=0, v=2) for kind in "FBIW"}
+    assert durations == {"F": Fraction(3, 2), "B": 3, "I": 2, "W": 1}
+    # Without a weight time a W is free and stays exact (an int 0, not 0.0).
+    free = CostModel(tf=Fraction(3), tb=Fraction(4)).duration(Action("W", 0, 1, "steady"), rank=0, v=2)
+    assert free == 0 and not isinstance(free, float)
+
+
+@FAST
+@given(p=st.integers(1, 5), v=st.integers(1, 3), k=st.integers(1, 3), tf=times, tb=times, tw=times)
+def test_weight_time_in_a_1f1b_plan_is_part_of_the_backward(
+    p: int, v: int, k: int, tf: Fraction, tb: Fraction, tw: Fraction
+) -> None:
+    plans = build_pipeline(p=p, v=v, m=k * p)
+    split = simulate(plans, cost=CostModel(tf=tf, tb=tb, tw=tw))
+    whole = simulate(plans, cost=CostModel(tf=tf, tb=tb + tw))
+    assert split.step_time == whole.step_time
+    assert [r.busy for r in split.ranks] == [r.busy for r in whole.ranks] == [k * p * (tf + tb + tw)] * p
+
+
+@FAST
+@given(p=st.integers(1, 6), v=st.integers(1, 3), k=st.integers(1, 3), tf=times, tb=times, overlapped=st.booleans())
+def test_zero_weight_time_keeps_the_1f1b_figures(
+    p: int, v: int, k: int, tf: Fraction, tb: Fraction, overlapped: bool
+) -> None:
+    m = k * p
+    plans = build_pipeline(p=p, v=v, m=m)
+    sim = simulate(plans, cost=CostModel(tf=tf, tb=tb, tw=0), overlapped=overlapped)
+    assert sim.step_time == (_one_f_one_b(p, m, tf, tb) if v == 1 else _interleaved(p, v, m, tf, tb))
+    assert sim.step_time == simulate(plans, cost=CostModel(tf=tf, tb=tb), overlapped=overlapped).step_time
+    assert [r.busy for r in sim.ranks] == [m * (tf + tb)] * p
+
+
+def test_five_entry_override_sets_the_weight_time_of_one_chunk() -> None:
+    tf, tb, tw = Fraction(1), Fraction(2), Fraction(4)
+    cost = CostModel(tf=tf, tb=tb, tw=tw, overrides=((0, 1, Fraction(5), Fraction(7), Fraction(3)),))
+    zb = simulate(build_pipeline(p=1, v=2, m=3, schedule="zero-bubble"), cost=cost)
+    assert zb.step_time == 3 * ((tf + tb + tw) / 2 + 5 + 7 + 3)
+    times = {(t.action.kind, t.action.chunk): t.end - t.start for t in zb.ranks[0].actions}
+    assert times == {("F", 1): 5, ("I", 1): 7, ("W", 1): 3, ("F", 0): tf / 2, ("I", 0): tb / 2, ("W", 0): tw / 2}
+    # In a 1F1B plan the override's backward and weight times add up to the chunk's B.
+    one = simulate(build_pipeline(p=1, v=2, m=3), cost=cost)
+    assert {t.action.kind: t.end - t.start for t in one.ranks[0].actions if t.action.chunk == 1} == {"F": 5, "B": 10}
+    assert one.step_time == zb.step_time
+
+
+def test_four_entry_override_has_no_weight_time() -> None:
+    cost = CostModel(tf=Fraction(1), tb=Fraction(2), tw=Fraction(4), overrides=((0, 0, Fraction(5), Fraction(7)),))
+    sim = simulate(build_pipeline(p=1, v=2, m=2, schedule="zero-bubble"), cost=cost)
+    assert {t.end - t.start for t in sim.ranks[0].actions if t.action.chunk == 0 and t.action.kind == "W"} == {0}
+    assert sim.step_time == 2 * (5 + 7 + Fraction(1 + 2 + 4, 2))
+
+
+@pytest.mark.parametrize("entry", [(0, 0, 1), (0, 0, 1, 2, 3, 4), (0, 0, 1, 2, -1)])
+def test_cost_model_rejects_malformed_overrides(entry: tuple) -> None:
+    with pytest.raises(ValueError, match="override is \\(rank, chunk, forward_time, backward_time\\) or"):
+        CostModel(overrides=(entry,))
+
+
+def test_cost_model_rejects_negative_weight_time() -> None:
+    with pytest.raises(ValueError, match="tw must be a finite number >= 0, got -1"):
+        CostModel(tw=-1)
