@@ -43,27 +43,20 @@ def _steps(p: int, r: int, v: int, m: int, forward_only: bool, g: int, schedule:
 
 def _sent_at(p: int, r: int, v: int, steps: list[orders.StepTuple], *, to: int | None = None) -> dict[tuple, tuple[int, int]]:
     """For each message rank ``r`` sends (to rank ``to`` only, if given): (exchange index, position
-    among that exchange's sends). Activations go first in an exchange."""
+    in that exchange). Activations go first in an exchange: position 0, gradients 1."""
     where = {}
-    out = _by_kind(message_table(p, r, v)[1], v)
     ranks = [rank_of(p, stage) for stage in range(p * v)]
+    # Per kind and chunk, the message it sends (kind, src, dst, position), None if none goes to ``to``.
+    out = {
+        kind: [None if sent is None or (to is not None and ranks[sent[2]] != to) else (*sent, 0 if sent[0] == "act" else 1)
+               for sent in per_chunk]
+        for kind, per_chunk in _by_kind(message_table(p, r, v)[1], v).items()
+    }
     for i, (actions, _) in enumerate(steps, start=1):  # exchange 0 is the initial receive; step i - 1 posts exchange i
-        if len(actions) == 1:
-            kind, mb, chunk, _ = actions[0]
-            sent = out[kind][chunk]
-            if sent is not None and (to is None or ranks[sent[2]] == to):
-                where[(sent[0], mb, sent[1], sent[2])] = (i, 0)
-            continue
-        outputs = []
         for kind, mb, chunk, _ in actions:
             sent = out[kind][chunk]
             if sent is not None:
-                outputs.append((sent[0], mb, sent[1], sent[2]))
-        if len(outputs) == 2 and outputs[0][0] != "act":
-            outputs.reverse()
-        for k, msg in enumerate(outputs):
-            if to is None or ranks[msg[3]] == to:
-                where[msg] = (i, k)
+                where[(sent[0], mb, sent[1], sent[2])] = (i, sent[3])
     return where
 
 
@@ -144,7 +137,8 @@ def _rank_plan(
 def lockstep_receives(*, p: int, v: int, m: int, group_size: int, forward_only: bool = False, schedule: str = "1f1b") -> bool:
     """Whether receives are placed in lockstep with their sender rather than just in time (see :func:`build_plan`).
 
-    The rule for zero bubble: lockstep when interleaving (``p > 1``, ``v > 1``). For 1F1B:
+    The rule for zero bubble: lockstep when interleaving (``p > 1``, ``v > 1``) except for a
+    single group the size of the pipeline (``m = G = p``). For 1F1B:
     lockstep when interleaving (``v > 1``, ``p > 1``) with a group larger than the pipeline
     (``G > p``), where just in time can deadlock; just in time otherwise, and also for a training
     step of a single group only a little larger than the pipeline (``G = m``,
@@ -155,8 +149,10 @@ def lockstep_receives(*, p: int, v: int, m: int, group_size: int, forward_only: 
     """
     if schedule == "zero-bubble" and not forward_only:
         # Its shorter warmup leaves no slack for just-in-time receives when interleaving; the
-        # lockstep clock of :func:`_clock` accounts for the wait for the first gradient.
-        return p > 1 and v > 1
+        # lockstep clock of :func:`_clock` accounts for the wait for the first gradient. A single
+        # group the size of the pipeline (m = G = p) is the exception: just in time is valid there
+        # and shorter.
+        return p > 1 and v > 1 and not group_size == m == p
     if p == 1 or v == 1 or group_size <= p:
         return False
     single_short_group = not forward_only and group_size == m and group_size - p <= (p - 3) // 2
@@ -229,6 +225,8 @@ def build_plan(
     _check_schedule(schedule)
     g = choose_group_size(p=p, m=m, v=v, requested=group_size)
     fo = bool(forward_only)
+    if fo:
+        schedule = "1f1b"  # forward only, every schedule runs the same forwards in table order
     lockstep = lockstep_receives(p=p, v=v, m=m, group_size=g, forward_only=fo, schedule=schedule)
     return _plan(p, r, v, m, fo, g, schedule, lockstep)
 
