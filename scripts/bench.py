@@ -11,7 +11,15 @@ ratios, and the peak live chunk-activations measured inside the chunks next to t
 The zero-compute mode (``tf = tb = 0``) measures overhead: ``per action`` is the step time divided
 by the number of actions on the critical path (the simulated step when every action costs 1).
 
+The zero-bubble mode (``--mode zb``) uses a chunk whose backward really splits (:class:`SplitSleepChunk`:
+``SleepX(x) + SleepW(bias)``, input half ``tb``, weight half ``tw``) and runs, in one alternating
+run per configuration, our zero-bubble schedule (v = 1, 2; batched and overlapped; the autograd and
+the module split), torch's ``ScheduleInterleavedZeroBubble`` (1 and 2 stages a rank),
+``ScheduleZBVZeroBubble`` and ``ScheduleDualPipeV``, our 1F1B and interleaved (whole backward
+``tb + tw``) and a zero-bubble floor; a one-process self-test of the split's timing comes first.
+
     python scripts/bench.py                      # both modes, the default configurations
+    python scripts/bench.py --mode zb            # zero bubble: p=4, m in {8, 16}, four cost settings
     python scripts/bench.py --png timeline.png --trace trace.json
     python scripts/bench.py --mode zero --reps 40
     python scripts/bench.py --mode zero --recv-window 2      # the overlapped mode with its smallest receive window
