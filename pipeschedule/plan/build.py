@@ -25,7 +25,7 @@ import gc
 
 import pipeschedule.plan.orders as orders
 from pipeschedule.plan.orders import _check_sizes, choose_group_size, order_table, phase_counts
-from pipeschedule.plan.steps import Message, RankPlan, message_table, new_action, new_exchange, new_message, new_step, rank_of
+from pipeschedule.plan.steps import Exchange, Message, RankPlan, Step, message_table, new_action, new_message, rank_of
 
 __all__ = ["build_pipeline", "build_plan", "lockstep_receives"]
 
@@ -41,28 +41,35 @@ def _steps(p: int, r: int, v: int, m: int, forward_only: bool, g: int, schedule:
     return orders.zero_bubble(counts, table, v, r) if zb else orders.one_f_one_b(counts, table, v)
 
 
-def _sent_at(p: int, r: int, v: int, steps: list[orders.StepTuple], *, to: int | None = None) -> dict[tuple, tuple[int, int]]:
-    """For each message rank ``r`` sends (to rank ``to`` only, if given): (exchange index, position
-    in that exchange). Activations go first in an exchange: position 0, gradients 1."""
-    where = {}
+def _sent_at(p: int, r: int, v: int, steps: list[orders.StepTuple], *, to: int | None = None) -> dict[tuple, int]:
+    """For each message rank ``r`` sends (to rank ``to`` only, if given), the exchange that sends
+    it, in sending order: by exchange, and within an exchange activations before gradients."""
+    where: dict[tuple, int] = {}
     ranks = [rank_of(p, stage) for stage in range(p * v)]
-    # Per kind and chunk, the message it sends (kind, src, dst, position), None if none goes to ``to``.
+    # Per kind and chunk, the message it sends (kind, src, dst), None if none goes to ``to``.
     out = {
-        kind: [None if sent is None or (to is not None and ranks[sent[2]] != to) else (*sent, 0 if sent[0] == "act" else 1)
-               for sent in per_chunk]
-        for kind, per_chunk in _by_kind(message_table(p, r, v)[1], v).items()
+        kind: [None if sent is None or (to is not None and ranks[sent[2]] != to) else sent for sent in per_chunk]
+        for kind, per_chunk in message_table(p, r, v)[1].items()
     }
     for i, (actions, _) in enumerate(steps, start=1):  # exchange 0 is the initial receive; step i - 1 posts exchange i
+        if len(actions) == 1:
+            kind, mb, chunk, _ = actions[0]
+            sent = out[kind][chunk]
+            if sent is not None:
+                where[(sent[0], mb, sent[1], sent[2])] = i
+            continue
+        # Fills carry no messages; a step's activations leave before its gradients.
+        grads = []
         for kind, mb, chunk, _ in actions:
             sent = out[kind][chunk]
             if sent is not None:
-                where[(sent[0], mb, sent[1], sent[2])] = (i, sent[3])
+                if sent[0] == "act":
+                    where[(sent[0], mb, sent[1], sent[2])] = i
+                else:
+                    grads.append((sent[0], mb, sent[1], sent[2]))
+        for msg in grads:
+            where[msg] = i
     return where
-
-
-def _by_kind(table: dict[tuple[str, int], tuple | None], v: int) -> dict[str, list[tuple | None]]:
-    """A message table indexed ``[kind][chunk]`` (cheaper than a tuple key in the hot loops)."""
-    return {kind: [table[kind, chunk] for chunk in range(v)] for kind in ("F", "B", "I", "W")}
 
 
 def _clock(p: int, r: int, v: int, m: int, g: int, schedule: str) -> tuple[int, int]:
@@ -76,60 +83,72 @@ def _clock(p: int, r: int, v: int, m: int, g: int, schedule: str) -> tuple[int, 
 
 def _rank_plan(
     p: int, r: int, v: int, m: int, forward_only: bool, g: int, schedule: str,
-    *, steps: dict[int, list[orders.StepTuple]], sent_at: dict[int, dict[tuple, tuple[int, int]]], lockstep: bool,
+    *, steps: list[orders.StepTuple], sent_at: dict[int, dict[tuple, int]], lockstep: bool,
 ) -> RankPlan:
-    """Rank ``r``'s plan from its own steps (``steps[r]``) and when each neighbour sends it each
-    message (``sent_at[q]`` for ``q = r - 1, r, r + 1``)."""
-    mine = steps[r]
-    stages = p * v
-
+    """Rank ``r``'s plan from its own ``steps`` and when each sender sends it each message
+    (``sent_at[q]``: its neighbours ``q = r - 1, r + 1``, and ``r`` itself when ``p = 1``)."""
+    ranks = [rank_of(p, stage) for stage in range(p * v)]
+    inputs, outputs = message_table(p, r, v)
     # The exchange that receives each input: just before its consumer, or, in lockstep, at the
     # pipeline time its sender sends it if that is earlier.
     # Pipeline time of exchange e on rank q: e + q up to q's warmup W_q, e + lag_q after (_clock).
-    clocks = {q: _clock(p, q, v, m, g, schedule) for q in sent_at} if lockstep else {}
-    my_warmup, my_lag = clocks.get(r, (0, r))
-    inp = _by_kind(message_table(p, r, v)[0], v)
-    ranks = [rank_of(p, stage) for stage in range(stages)]
+    my_warmup, my_lag = _clock(p, r, v, m, g, schedule) if lockstep else (0, r)
+    # Per kind and chunk: (message kind, src, dst, when its sender sends, sender, sender's warmup and lag).
+    inputs = {
+        kind: [None if got is None else (*got, sent_at[ranks[got[1]]], ranks[got[1]], *_clock(p, ranks[got[1]], v, m, g, schedule))
+               for got in per_chunk]
+        for kind, per_chunk in inputs.items()
+    }
     placed: dict[tuple, int] = {}
-    for i, (actions, _) in enumerate(mine):
+    for i, (actions, _) in enumerate(steps):
         for kind, mb, chunk, _ in actions:
-            got = inp[kind][chunk]
+            got = inputs[kind][chunk]
             if got is None:
                 continue
             msg = (got[0], mb, got[1], got[2])
             if lockstep:
-                sender = ranks[msg[2]]
-                warmup, lag = clocks[sender]
-                e = sent_at[sender][msg][0]
-                t = e + (sender if e <= warmup else lag)
+                e = got[3][msg]
+                t = e + (got[4] if e <= got[5] else got[6])
                 # Rank r's exchange at pipeline time t (the latest not after it).
                 at = t - r if t - r <= my_warmup else max(my_warmup, t - my_lag)
                 placed[msg] = max(0, min(i, at))
             else:
                 placed[msg] = i
-    # A receive may not come after a later message from the same sender: pull it earlier.
-    by_sender: dict[int, list[tuple]] = {}
-    for msg in placed:
-        by_sender.setdefault(ranks[msg[2]], []).append(msg)
-    recvs: list[list[Message]] = [[] for _ in range(len(mine) + 1)]
-    for sender in sorted(by_sender):
-        on_channel = sorted(by_sender[sender], key=sent_at[sender].__getitem__)
-        for earlier, later in zip(reversed(on_channel[:-1]), reversed(on_channel[1:])):
-            placed[earlier] = min(placed[earlier], placed[later])
-        for msg in on_channel:
-            recvs[placed[msg]].append(new_message(*msg))
-    sends: list[list[Message]] = [[] for _ in range(len(mine) + 1)]
-    for msg, (i, _) in sorted(sent_at[r].items(), key=lambda item: item[1]):
-        sends[i].append(new_message(*msg))
-    exchanges = [new_exchange(tuple(s), tuple(x)) for s, x in zip(sends, recvs)]
+    # A receive may not come after a later message from the same sender: pull it earlier. What
+    # a sender sends rank r is exactly what rank r consumes from it, in the sender's order.
+    recvs: list[list[tuple]] = [[] for _ in range(len(steps) + 1)]
+    for sender in sorted({got[4] for per_chunk in inputs.values() for got in per_chunk if got is not None}):
+        earliest = len(steps)
+        for msg in reversed(sent_at[sender]):
+            earliest = placed[msg] = min(placed[msg], earliest)
+        for msg in sent_at[sender]:
+            recvs[placed[msg]].append(msg)
+
+    # The plan's objects, step by step: its actions, and the exchange that sends what they
+    # produce (activations first) and receives what was placed there. Tens of thousands of them,
+    # built without the frozen dataclasses' per-field ``__setattr__`` (a third of the cost).
+    _new = object.__new__
+    plan_steps = []
+    for (actions, fill), received in zip(steps, recvs[1:]):
+        sends, grads = [], []
+        for kind, mb, chunk, _ in actions:
+            sent = outputs[kind][chunk]
+            if sent is not None:
+                (sends if sent[0] == "act" else grads).append(new_message(sent[0], mb, sent[1], sent[2]))
+        exchange = _new(Exchange)
+        exchange.__dict__["sends"] = tuple(sends + grads) if grads else tuple(sends)
+        exchange.__dict__["recvs"] = tuple([new_message(*msg) for msg in received])
+        step = _new(Step)
+        fields = step.__dict__
+        fields["actions"] = (new_action(*actions[0]),) if len(actions) == 1 else tuple([new_action(*a) for a in actions])
+        fields["exchange"] = exchange
+        fields["fill"] = tuple([new_action(*a) for a in fill]) if fill else ()
+        plan_steps.append(step)
     return RankPlan(
         p=p, r=r, v=v, m=m, forward_only=forward_only, group_size=g,
         counts=phase_counts(p=p, r=r, v=v, m=m, forward_only=forward_only, group_size=g, zero_bubble=schedule == "zero-bubble"),
-        first=exchanges[0],
-        steps=tuple(
-            new_step(tuple([new_action(*a) for a in actions]), ex, tuple([new_action(*a) for a in fill]) if fill else ())
-            for (actions, fill), ex in zip(mine, exchanges[1:])
-        ),
+        first=Exchange(recvs=tuple(Message(*msg) for msg in recvs[0])),
+        steps=tuple(plan_steps),
         schedule="zero-bubble" if schedule == "zero-bubble" and not forward_only else "1f1b",
     )
 
@@ -181,10 +200,14 @@ def _plan(p: int, r: int, v: int, m: int, forward_only: bool, g: int, schedule: 
 
 def _plan_uncached(p: int, r: int, v: int, m: int, forward_only: bool, g: int, schedule: str, lockstep: bool) -> RankPlan:
     table = order_table(m=m, v=v, group_size=g)
-    near = {r, (r - 1) % p, (r + 1) % p}
-    steps = {q: _steps(p, q, v, m, forward_only, g, schedule, table) for q in near}
-    sent_at = {q: _sent_at(p, q, v, steps[q], to=None if q == r else r) for q in near}
-    return _rank_plan(p, r, v, m, forward_only, g, schedule, steps=steps, sent_at=sent_at, lockstep=lockstep)
+    mine = _steps(p, r, v, m, forward_only, g, schedule, table)
+    # Who sends to rank r: its two neighbours, one rank when p = 2, itself when p = 1.
+    senders = {(r - 1) % p, (r + 1) % p}
+    sent_at = {
+        q: _sent_at(p, q, v, mine if q == r else _steps(p, q, v, m, forward_only, g, schedule, table), to=r)
+        for q in senders
+    }
+    return _rank_plan(p, r, v, m, forward_only, g, schedule, steps=mine, sent_at=sent_at, lockstep=lockstep)
 
 
 def _check_schedule(schedule: str) -> None:

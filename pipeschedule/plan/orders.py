@@ -147,21 +147,21 @@ def zero_bubble(counts: PhaseCounts, table: list[tuple[int, int]], v: int, r: in
     output back by the backward's time; in the batched mode that cost 1.43x the formula's step on
     average over ``p <= 6, v <= 3``, against 1.10x for single steps.)
     """
-    w, total = counts.warmup, counts.total
-    backwards = [(table[k][0], v - 1 - table[k][1]) for k in range(total)]
+    w, steady, total = counts.warmup, counts.steady, counts.total
+    forwards = [("F", mb, chunk, "warmup") for mb, chunk in table[:w]] + [("F", mb, chunk, "steady") for mb, chunk in table[w:]]
+    backwards = [(mb, v - 1 - chunk) for mb, chunk in table]
+    inputs = [("I", mb, chunk, "steady") for mb, chunk in backwards[:steady]]
+    inputs += [("I", mb, chunk, "cooldown") for mb, chunk in backwards[steady:]]
+    # The weight pass of backward j fills the step of backward j + r (in that step's phase), or the last step.
+    weights = [("W", mb, chunk, "steady") for mb, chunk in backwards[:max(0, steady - r)]]
+    weights += [("W", mb, chunk, "cooldown") for mb, chunk in backwards[max(0, steady - r):]]
 
-    def weight(j: int, phase: str) -> tuple:
-        return ("W", *backwards[j], phase)
-
-    steps: list[StepTuple] = [((("F", *table[k], "warmup"),), ()) for k in range(w)]
+    steps: list[StepTuple] = [((forwards[k],), ()) for k in range(w)]
     for k in range(total):
-        phase = "steady" if k < counts.steady else "cooldown"
-        backward = ("I", *backwards[k], phase)
-        fill = (weight(k - r, phase),) if k >= r else ()
-        if k < counts.steady:
-            steps.append(((("F", *table[w + k], "steady"),), ()))
-        steps.append(((backward,), fill))
-    tail = tuple(weight(j, "cooldown") for j in range(max(0, total - r), total))
+        if k < steady:
+            steps.append(((forwards[w + k],), ()))
+        steps.append(((inputs[k],), (weights[k - r],) if k >= r else ()))
+    tail = tuple(weights[max(0, total - r):])
     if tail:
         actions, fill = steps[-1]
         steps[-1] = (actions, fill + tail)

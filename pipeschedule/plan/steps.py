@@ -36,6 +36,7 @@ __all__ = [
 
 Phase = Literal["warmup", "steady", "cooldown"]
 Kind = Literal["F", "B", "I", "W"]
+KINDS = ("F", "B", "I", "W")
 # The actions that consume a gradient and send one on: a whole backward or its input half.
 BACKWARDS = ("B", "I")
 # The actions after which a (microbatch, chunk) holds no activation any more.
@@ -228,19 +229,17 @@ def output_tuple(action: tuple, p: int, r: int, num_stages: int) -> tuple | None
     return None if stage == 0 else ("grad", mb, stage, stage - 1)
 
 
-def message_table(p: int, r: int, v: int) -> tuple[dict[tuple[str, int], tuple | None], dict[tuple[str, int], tuple | None]]:
-    """Rank ``r``'s (inputs, outputs): for each ``(kind, chunk)``, ``(message kind, src_stage,
+def message_table(p: int, r: int, v: int) -> tuple[dict[str, list[tuple | None]], dict[str, list[tuple | None]]]:
+    """Rank ``r``'s (inputs, outputs), indexed ``[kind][chunk]``: ``(message kind, src_stage,
     dst_stage)`` or ``None`` (the same as :func:`input_tuple` and :func:`output_tuple`, looked up
     instead of computed: planning asks tens of thousands of times)."""
     n = p * v
-    inputs: dict[tuple[str, int], tuple | None] = {}
-    outputs: dict[tuple[str, int], tuple | None] = {}
-    for kind in ("F", "B", "I", "W"):
-        for chunk in range(v):
-            got = input_tuple((kind, 0, chunk), p, r, n)
-            inputs[kind, chunk] = None if got is None else (got[0], got[2], got[3])
-            sent = output_tuple((kind, 0, chunk), p, r, n)
-            outputs[kind, chunk] = None if sent is None else (sent[0], sent[2], sent[3])
+
+    def drop_microbatch(msg: tuple | None) -> tuple | None:
+        return None if msg is None else (msg[0], msg[2], msg[3])
+
+    inputs = {kind: [drop_microbatch(input_tuple((kind, 0, chunk), p, r, n)) for chunk in range(v)] for kind in KINDS}
+    outputs = {kind: [drop_microbatch(output_tuple((kind, 0, chunk), p, r, n)) for chunk in range(v)] for kind in KINDS}
     return inputs, outputs
 
 
@@ -259,18 +258,3 @@ def new_message(kind: str, microbatch: int, src_stage: int, dst_stage: int, _new
     fields = message.__dict__
     fields["kind"], fields["microbatch"], fields["src_stage"], fields["dst_stage"] = kind, microbatch, src_stage, dst_stage
     return message
-
-
-def new_exchange(sends: tuple[Message, ...], recvs: tuple[Message, ...], _new=object.__new__) -> Exchange:
-    """``Exchange(sends, recvs)``, built as :func:`new_action` builds actions."""
-    exchange = _new(Exchange)
-    exchange.__dict__["sends"], exchange.__dict__["recvs"] = sends, recvs
-    return exchange
-
-
-def new_step(actions: tuple[Action, ...], exchange: Exchange, fill: tuple[Action, ...], _new=object.__new__) -> Step:
-    """``Step(actions, exchange, fill)``, built as :func:`new_action` builds actions."""
-    step = _new(Step)
-    fields = step.__dict__
-    fields["actions"], fields["exchange"], fields["fill"] = actions, exchange, fill
-    return step
