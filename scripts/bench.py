@@ -28,6 +28,7 @@ the module split), torch's ``ScheduleInterleavedZeroBubble`` (1 and 2 stages a r
 from __future__ import annotations
 
 import argparse
+import math
 import collections
 import contextlib
 import multiprocessing as mp
@@ -578,8 +579,9 @@ class _Entry:
 TORCH_ZB = {"ScheduleInterleavedZeroBubble": "looped", "ScheduleZBVZeroBubble": "v", "ScheduleDualPipeV": "v"}
 
 
-def _lineup() -> list[_Entry]:
-    """Every contender of the zero-bubble mode, in one alternating run."""
+def _lineup(only: list[str] | None = None) -> list[_Entry]:
+    """Every contender of the zero-bubble mode, in one alternating run (``only``: those whose name
+    contains one of these strings)."""
     out = []
     for v in (1, 2):
         for split in ("autograd", "module"):
@@ -593,7 +595,7 @@ def _lineup() -> list[_Entry]:
         for overlap in (False, True):
             out.append(_Entry(f"ours {'1F1B' if v == 1 else 'interleaved'} v{v}{' +ov' if overlap else ''}", "1f1b", v, overlap))
     out += [_Entry(f"floor ZB v{v} (raw gloo)", "floor", v) for v in (1, 2)]
-    return out
+    return [e for e in out if not only or any(s in e.name for s in only)]
 
 
 def _zb_data(m: int) -> list[torch.Tensor]:
@@ -720,7 +722,7 @@ def _zb_worker(rank: int, init_file: str, args: argparse.Namespace, setups: list
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=P,
                             timeout=timedelta(seconds=args.p2p_timeout))
     try:
-        lineup = _lineup()
+        lineup = _lineup(args.only)
         for setup in setups:
             meter = Meter()
             chunks = {v: [SplitSleepChunk(meter=meter, tf=setup.tf / v, tb=setup.tb / v, tw=setup.tw / v) for _ in range(v)]
@@ -821,6 +823,8 @@ class _ZbRow:
 def _zb_rows(setup: ZbSetup, samples: dict[str, list[list[list[float]]]], pending: dict[str, list[int]]) -> list[_ZbRow]:
     out = []
     for entry in _lineup():
+        if entry.name not in samples:  # left out by --only
+            continue
         steps = samples[entry.name]
         out.append(_ZbRow(
             setup, entry,
@@ -836,7 +840,8 @@ def _zb_rows(setup: ZbSetup, samples: dict[str, list[list[list[float]]]], pendin
 
 
 def _best(rows: list[_ZbRow], pick: Any) -> float:
-    return min(statistics.median(r.steps) for r in rows if pick(r.entry))
+    """The fastest median of the rows ``pick`` takes (NaN if --only left none)."""
+    return min((statistics.median(r.steps) for r in rows if pick(r.entry)), default=math.nan)
 
 
 def _print_zb_table(rows: list[_ZbRow]) -> None:
@@ -920,7 +925,7 @@ def _zb_main(args: argparse.Namespace) -> int:
         print("\ncontrol (tw=0), best ours ZB / best ours 1F1B-interleaved of the same v: " + ", ".join(
             f"v{v} m{m} {_best([r for r in control if r.setup.m == m], lambda e, v=v: e.family == 'zb' and e.v == v) / _best([r for r in control if r.setup.m == m], lambda e, v=v: e.family == '1f1b' and e.v == v):.3f}"
             for m in sorted({r.setup.m for r in control}) for v in (1, 2)))
-    targets = _zb_targets(collected)
+    targets = _zb_targets(collected) if not args.only else []  # the targets need the whole line-up
     if targets:
         print("\ntargets")
         for what, met in targets:
@@ -947,6 +952,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds before the run is abandoned (default 600; in the zb mode, 1800)")
     parser.add_argument("--p2p-timeout", type=float, default=60.0)
+    parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                        help="zb mode: only the contenders whose name contains one of these (no targets then)")
     parser.add_argument("--recv-window", type=int, default=None,
                         help="config.overlap_recv_window of the overlapped contender (default: the config's)")
     return parser

@@ -9,13 +9,21 @@ The plan is the one every schedule uses; only the waiting changes.
   the sender's communication thread; posted in batches those wake-ups are shared, and the
   zero-compute step was measured about 15 % shorter with ``W = 8`` than with ``W = 2``
   (``docs/BENCHMARKS.md``).
-* Each receive is waited on right before the action that consumes its tensor.
+* Each receive is waited on right before the action that consumes its tensor. The wait itself
+  begins one action earlier, on the failure board's waiter thread (which watches the job's
+  failure notices): while the action before the consumer runs, the tensor arrives and is waited
+  for off this thread, so a tensor already there costs no thread hop when it is needed (measured:
+  the hop, some 50 us of two cores' time, was 5 % of the zero-bubble step at ``v = 2``). Only the
+  next action's input is waited for early: the waiter runs one wait at a time, and nothing this
+  rank does before that action waits for anything but sends, which are waited on here.
 * A send is posted as soon as its tensor exists, inside the action, before the action's own
   bookkeeping. The sends of step ``i`` are waited on during step ``i + 1``, by when their
   receivers have long posted the matching receives, so the wait is over at once and the tensors
   (gradients, released outputs) are freed a step after they are sent, not at the end of the
   training step. (On gloo nothing else frees them: a send's ``is_completed()`` stays false until
-  it is waited on.)
+  it is waited on.) Those waits run on this thread, bounded by ``p2p_timeout`` but without the
+  notices: the receiver posted the matching receive steps ago, and if it fails it takes what it
+  was sent before it raises (:mod:`pipeschedule.runtime.abort`).
 * That bookkeeping (waiting on old sends, posting receives) runs right after a send, or at the end
   of a step that sends nothing.
 
@@ -52,7 +60,7 @@ import torch
 
 from pipeschedule.config import ScheduleEvent
 from pipeschedule.runtime.executor import PlanRunner
-from pipeschedule.wire.p2p import post_recv, post_send, wait_bounded
+from pipeschedule.wire.p2p import begin_wait, post_recv, post_send, wait_bounded
 from pipeschedule.plan import Action, Exchange, Message, Step
 from pipeschedule.wire.records import read_abort_marker
 from pipeschedule.errors import PeerFailedError
@@ -65,6 +73,11 @@ class OverlappedRunner(PlanRunner):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.expected: dict[Message, tuple[Any, torch.Tensor, int]] = {}  # posted receives: work, buffer, peer
+        # Posted receives whose wait has begun on the waiter thread: (that wait, work, buffer, peer).
+        self.early: dict[Message, tuple[Any, Any, torch.Tensor, int]] = {}
+        actions = self.plan.actions
+        # What the action after each action consumes: its wait begins while this one runs.
+        self.next_input = {a: msg for a, b in zip(actions, actions[1:]) if (msg := self.plan.input_message(b)) is not None}
         self.posted_upto = 0  # plan.exchanges[:posted_upto] have their receives posted
         self.steps_done = 0
         self.window = self.config.overlap_recv_window
@@ -89,7 +102,7 @@ class OverlappedRunner(PlanRunner):
 
     def _housekeep(self) -> None:
         """Let go of the previous steps' sends; when less than half the receive window is posted, refill it."""
-        self.pending.wait(link=self.link, timeout=self.config.p2p_timeout, before=self.steps_done)
+        self.pending.wait(link=self.link, timeout=self.config.p2p_timeout, before=self.steps_done, watch=False)
         full = self.steps_done + 1 + self.window
         if self.posted_upto <= full - self.window // 2:  # the last posted exchange is posted_upto - 1
             self._post_receives(full)
@@ -101,14 +114,28 @@ class OverlappedRunner(PlanRunner):
         self.next_exchange = self.steps_done + 1
         if not step.exchange.sends:  # otherwise done right after the send
             self._housekeep()
-        if self.steps_done == len(self.plan.steps) and self.expected:
-            raise RuntimeError(f"the step ended with receives never consumed: {sorted(m.label() for m in self.expected)}")
+        if self.steps_done == len(self.plan.steps) and (self.expected or self.early):
+            never = [*self.expected, *self.early]
+            raise RuntimeError(f"the step ended with receives never consumed: {sorted(m.label() for m in never)}")
 
     def _timed_action(self, action: Action) -> None:
         msg = self.plan.input_message(action)
         if msg is not None and msg not in self.inbox:
             self._await(msg)
+        self._begin_early(self.next_input.get(action))
         super()._timed_action(action)
+
+    def _begin_early(self, msg: Message | None) -> None:
+        """Begin waiting for ``msg``, the next action's input, while this action runs (if its receive is posted)."""
+        if msg is None or msg not in self.expected or self.board is None or self.handshake.unchecked:
+            return
+        work, buffer, peer = self.expected.pop(msg)
+        self.early[msg] = (begin_wait(work, timeout=self.config.p2p_timeout), work, buffer, peer)
+
+    def _abort(self, exc: BaseException) -> None:
+        if self.early and self.board is not None:
+            self.board.abandon_waits()  # an early wait may never end now: the failure handling's waits must not queue behind it
+        super()._abort(exc)
 
     def _emit(self, msg: Message, tensor: torch.Tensor) -> None:
         peer = self.plan.rank_of(msg.dst_stage)
@@ -121,16 +148,16 @@ class OverlappedRunner(PlanRunner):
         self._housekeep()
 
     def _held_tensors(self) -> list[torch.Tensor | None]:
-        return super()._held_tensors() + [buffer for _, buffer, _ in self.expected.values()]
+        return super()._held_tensors() + [buffer for _, buffer, _ in self.expected.values()] + [e[2] for e in self.early.values()]
 
     def _await(self, msg: Message) -> None:
         observer = self.config.observer
         start = time.perf_counter() if observer is not None else 0.0
         if self.plan.rank_of(msg.src_stage) in self.handshake.unchecked:
             self._check_call((self.plan.rank_of(msg.src_stage),))
-        work, buffer, peer = self.expected.pop(msg)
+        begun, work, buffer, peer = self.early.pop(msg) if msg in self.early else (None, *self.expected.pop(msg))
         self.where = f"waited for {msg.label()}"
-        wait_bounded(work, link=self.link, peer=peer, what=self.where, timeout=self.config.p2p_timeout)
+        wait_bounded(work, link=self.link, peer=peer, what=self.where, timeout=self.config.p2p_timeout, begun=begun)
         self._check_received((msg,), [buffer])
         self.inbox[msg] = buffer
         if observer is not None:
@@ -139,10 +166,11 @@ class OverlappedRunner(PlanRunner):
     def _take(self, peer: int, due: list[Message], hears_from_us: bool) -> None:
         # Receives already posted for some of ``due`` come first on the channel (they were posted
         # in plan order): wait on those, and post new receives only for the rest.
-        posted = [m for m in due if m in self.expected]
+        posted = [m for m in due if m in self.expected or m in self.early]
         for msg in posted:
-            work, buffer, _ = self.expected.pop(msg)
-            wait_bounded(work, link=self.link, peer=peer, what=f"took {msg.label()} after a failure", timeout=self.config.p2p_timeout)
+            begun, work, buffer, _ = self.early.pop(msg) if msg in self.early else (None, *self.expected.pop(msg))
+            wait_bounded(work, link=self.link, peer=peer, what=f"took {msg.label()} after a failure",
+                         timeout=self.config.p2p_timeout, begun=begun)
             self.received.add(msg)
             if read_abort_marker(buffer) is not None:  # it failed too: it sends nothing more
                 raise PeerFailedError(f"{self.link.name(peer)} failed too while this rank took its messages")

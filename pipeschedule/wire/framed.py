@@ -58,11 +58,12 @@ class PendingSends:
         """Forget sends known to be finished (NCCL knows; gloo does not say), so their tensors can be freed."""
         self.works = [item for item in self.works if not item[0].is_completed()]
 
-    def wait(self, *, link: Neighbours, timeout: float | None, before: int | None = None) -> None:
-        """Wait on the sends posted before step ``before`` (all of them when ``None``), in posting order."""
+    def wait(self, *, link: Neighbours, timeout: float | None, before: int | None = None, watch: bool = True) -> None:
+        """Wait on the sends posted before step ``before`` (all of them when ``None``), in posting
+        order (``watch``: as :func:`~pipeschedule.wire.p2p.wait_bounded`)."""
         while self.works and (before is None or self.works[0][3] < before):
             work, peer, _, _ = self.works[0]
-            wait_bounded(work, link=link, peer=peer, what="waited for its sends to be received", timeout=timeout)
+            wait_bounded(work, link=link, peer=peer, what="waited for its sends to be received", timeout=timeout, watch=watch)
             self.works.pop(0)
 
 

@@ -276,13 +276,30 @@ class FailureBoard:
         ``on_error(exc)`` turns a backend error or a :class:`TimeoutError` into the error to raise,
         unless a notice explains it better.
         """
-        job = self._waiter.submit(blocking)
+        self.finish(self.start(blocking), timeout=timeout, where=where, on_error=on_error)
+
+    def start(self, blocking: Callable[[], Any]) -> list:
+        """Hand ``blocking()`` to the waiter thread now, ahead of need; :meth:`finish` waits for it.
+
+        The waiter runs one wait at a time: a wait started early holds back every later one until
+        it ends, so only start one whose end nothing this rank does meanwhile is waiting for.
+        """
+        return self._waiter.submit(blocking)
+
+    def finish(self, job: list, *, timeout: float | None, where: str,
+               on_error: Callable[[BaseException], BaseException]) -> None:
+        """Wait for a wait handed over by :meth:`start`, watching the notices as :meth:`wait` does."""
         self._watch(job[0], timeout=timeout, where=where, on_error=on_error)
         if job[1] is not None:
             notice = self.poll(force=True)
             if notice is not None:
                 raise self.error(notice, where) from job[1]
             raise on_error(job[1]) from job[1]
+
+    def abandon_waits(self) -> None:
+        """The step failed: a wait started early may never end, so later waits get a thread of their own."""
+        self._waiter.close()
+        self._waiter = _Waiter()
 
     def wait_future(self, work: dist.Work, *, where: str, on_error: Callable[[BaseException], BaseException]) -> None:
         """Like :meth:`wait` for an ``async_op=True`` collective, whose future says when it is done."""

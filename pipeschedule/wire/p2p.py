@@ -139,24 +139,42 @@ def _as_wait(timeout: float) -> timedelta:
     return timedelta(milliseconds=min(max(math.ceil(timeout * 1000), 1), MAX_P2P_TIMEOUT * 1000))
 
 
-def wait_bounded(work: dist.Work, *, link: Neighbours, peer: int, what: str, timeout: float | None) -> None:
+def wait_bounded(
+    work: dist.Work, *, link: Neighbours, peer: int, what: str, timeout: float | None, begun: list | None = None,
+    watch: bool = True,
+) -> None:
     """``work.wait()``, at most ``timeout`` seconds (``None``: unbounded); failures name ``peer``.
 
     Inside a step the wait also watches the job's failure notices (:mod:`pipeschedule.wire.notice`)
-    and raises as soon as any rank reports a failure, naming that rank.
+    and raises as soon as any rank reports a failure, naming that rank. The backend wait then runs
+    on the notices' waiter thread: ``begun`` is that wait if :func:`begin_wait` started it ahead of
+    need. ``watch=False`` waits here, without the notices, for a wait known to end soon (a send
+    whose receiver posted its receive steps ago): a thread hop costs more than such a wait.
     """
-    board = current_board()
+    board = current_board() if watch or begun is not None else None
     if board is not None:
-        blocking = work.wait if timeout is None else lambda: work.wait(timeout=_as_wait(timeout))
-        board.wait(blocking, timeout=timeout, where=what, on_error=lambda exc: _link_failure(link, peer, what, exc, timeout))
+        job = begun if begun is not None else board.start(_blocking(work, timeout))
+        board.finish(job, timeout=timeout, where=what, on_error=lambda exc: _link_failure(link, peer, what, exc, timeout))
         return
     try:
-        if timeout is None:
-            work.wait()
-        else:
-            work.wait(timeout=_as_wait(timeout))
+        _blocking(work, timeout)()
     except RuntimeError as exc:
         raise _link_failure(link, peer, what, exc, timeout) from exc
+
+
+def begin_wait(work: dist.Work, *, timeout: float | None) -> list | None:
+    """Start waiting for ``work`` now, on the notices' waiter thread, to be finished by
+    :func:`wait_bounded` (``begun=``): the wait overlaps this rank's compute, and a tensor that has
+    arrived by the time it is needed costs no thread hop then. ``None`` outside a step."""
+    board = current_board()
+    return None if board is None else board.start(_blocking(work, timeout))
+
+
+def _blocking(work: dist.Work, timeout: float | None) -> Callable[[], object]:
+    if timeout is None:
+        return work.wait
+    wait = _as_wait(timeout)
+    return lambda: work.wait(timeout=wait)
 
 
 def post(link: Neighbours, ops: list[dist.P2POp], *, peers: Sequence[int], what: str, timeout: float | None) -> list:
