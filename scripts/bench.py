@@ -767,7 +767,7 @@ def _self_test(setups: list[ZbSetup], tolerance: float = 0.3) -> bool:
     for tf, tb, tw in sorted({(s.tf, s.tb, s.tw) for s in setups if s.tf or s.tb or s.tw}):
         for v in (1, 2):
             chunk = SplitSleepChunk(meter=Meter(), tf=tf / v, tb=tb / v, tw=tw / v)
-            for split in (AutogradSplit(["chunk 0"]), ModuleSplit([chunk], [chunk])):
+            for split in (AutogradSplit(["chunk 0"]), ModuleSplit([chunk])):
                 chunk.defer = split.name == "module"
                 times = []
                 for _ in range(3):

@@ -238,7 +238,7 @@ class ModuleSplit:
 
     name = "module"
 
-    def __init__(self, chunks: list[torch.nn.Module], owners: list[Any]) -> None:
+    def __init__(self, owners: list[Any]) -> None:
         self.owners = owners  # per chunk: the module that has backward_dw
 
     def check_graph(self, output: torch.Tensor, chunk: int) -> None:
@@ -298,5 +298,5 @@ def choose_split(requested: str, chunks: list[torch.nn.Module], owner: Callable[
         )
     refuse_unsplittable(chunks, mode)
     names = [f"model chunk {i}" for i in range(len(chunks))]
-    return ModuleSplit(chunks, owners) if mode == "module" else AutogradSplit(names)
+    return ModuleSplit(owners) if mode == "module" else AutogradSplit(names)
 
