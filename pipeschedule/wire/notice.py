@@ -3,7 +3,8 @@
 A rank whose step fails writes one notice, "rank G failed doing X", into the store that every
 process group of the job shares (the default group's store). Every wait a step makes on another
 rank (each point-to-point wait, each collective the library runs, the token count) watches the
-notices of this step while it waits, and raises
+notices of this step while it waits (save the overlapped mode's waits on old sends, see
+:mod:`pipeschedule.runtime.overlap`), and raises
 :class:`~pipeschedule.errors.PeerFailedError` naming the rank that really failed as soon as one
 appears. So the news reaches every rank of the job at once: ranks two hops away, ranks of the
 other data-parallel replicas, ranks blocked on a send or inside a collective. It does not depend
