@@ -612,10 +612,12 @@ def _forward_step_func(target: torch.Tensor) -> Any:
     return forward_step
 
 
-def _ours_zb(entry: _Entry, m: int, chunks: list[SplitSleepChunk], rank: int, data: list[torch.Tensor]) -> _Contender:
+def _ours_zb(entry: _Entry, m: int, chunks: list[SplitSleepChunk], rank: int, data: list[torch.Tensor],
+             recv_window: int | None = None) -> _Contender:
     import pipeschedule as ps
 
-    config = ps.PipelineConfig(pipeline_dtype=torch.float32, overlap_p2p_comm=entry.overlap, weight_grad_split=entry.split)
+    window = {} if recv_window is None else {"overlap_recv_window": recv_window}  # None: the config's default
+    config = ps.PipelineConfig(pipeline_dtype=torch.float32, overlap_p2p_comm=entry.overlap, weight_grad_split=entry.split, **window)
     forward_step = _forward_step_func(torch.zeros(BATCH, SEQ, HIDDEN))
 
     def run() -> None:
@@ -647,15 +649,16 @@ def _torch_zb(entry: _Entry, m: int, chunks: list[SplitSleepChunk], rank: int, d
     return _Contender(entry.name, run, chunks)
 
 
-def _zb_contender(entry: _Entry, setup: ZbSetup, chunks: list[SplitSleepChunk], rank: int, data: list[torch.Tensor]) -> _Contender:
+def _zb_contender(entry: _Entry, setup: ZbSetup, chunks: list[SplitSleepChunk], rank: int, data: list[torch.Tensor],
+                  recv_window: int | None = None) -> _Contender:
     like = Setup(v=entry.v, m=setup.m, tf=setup.tf, tb=setup.tb + setup.tw)
     if entry.family == "zb":
-        return _ours_zb(entry, setup.m, chunks, rank, data)
+        return _ours_zb(entry, setup.m, chunks, rank, data, recv_window)
     if entry.family == "torch":
         return _torch_zb(entry, setup.m, chunks, rank, data)
     if entry.family == "floor":
         return _floor(like, chunks, rank, schedule="zero-bubble", data=data, name=entry.name)
-    contender = _ours(like, chunks, rank, None, overlap=entry.overlap, data=data)
+    contender = _ours(like, chunks, rank, None, overlap=entry.overlap, data=data, recv_window=recv_window if entry.overlap else None)
     contender.name = entry.name
     return contender
 
@@ -729,7 +732,7 @@ def _zb_worker(rank: int, init_file: str, args: argparse.Namespace, setups: list
                       for v in (1, 2)}
             data = _zb_data(setup.m)
             reference = _reference_grads(data)
-            contenders = [_zb_contender(e, setup, chunks[e.v], rank, data) for e in lineup]
+            contenders = [_zb_contender(e, setup, chunks[e.v], rank, data, args.recv_window) for e in lineup]
             samples: dict[str, list[list[list[float]]]] = {c.name: [] for c in contenders}
             zero = not (setup.tf or setup.tb or setup.tw)
             reps = args.zero_reps if zero else args.reps
@@ -955,7 +958,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
                         help="zb mode: only the contenders whose name contains one of these (no targets then)")
     parser.add_argument("--recv-window", type=int, default=None,
-                        help="config.overlap_recv_window of the overlapped contender (default: the config's)")
+                        help="config.overlap_recv_window of our overlapped contenders (default: the config's)")
     return parser
 
 
