@@ -389,20 +389,22 @@ class PlanRunner(FailureHandling):
             loss = self.config.grad_scale_func(loss)
         return loss
 
-    def _backward(self, action: Action) -> None:
+    def _backward_operands(self, action: Action) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """What a backward (``B`` or ``I``) takes: the stage input and output its forward kept, and
+        the output's gradient from the next stage (``None`` on the last stage: the loss)."""
         input_tensor, output = self.saved.pop((action.microbatch, action.chunk))
         msg = self.plan.input_message(action)
-        output_grad = None if msg is None else self.inbox.pop(msg)
+        return input_tensor, output, None if msg is None else self.inbox.pop(msg)
+
+    def _backward(self, action: Action) -> None:
+        input_tensor, output, output_grad = self._backward_operands(action)
         run_backward(output, output_grad)
         self._send_input_grad(action, input_tensor)
 
     def _input_backward(self, action: Action) -> None:
         """``I``: the input's gradient, sent on; what the weight pass needs is kept."""
-        key = (action.microbatch, action.chunk)
-        input_tensor, output = self.saved.pop(key)
-        msg = self.plan.input_message(action)
-        output_grad = None if msg is None else self.inbox.pop(msg)
-        self.weights[key] = self.split.input_pass(input_tensor, output, output_grad, action.chunk)
+        input_tensor, output, output_grad = self._backward_operands(action)
+        self.weights[(action.microbatch, action.chunk)] = self.split.input_pass(input_tensor, output, output_grad, action.chunk)
         self._send_input_grad(action, input_tensor)
 
     def _weight_backward(self, action: Action) -> None:
