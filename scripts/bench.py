@@ -28,9 +28,9 @@ the module split), torch's ``ScheduleInterleavedZeroBubble`` (1 and 2 stages a r
 from __future__ import annotations
 
 import argparse
-import math
 import collections
 import contextlib
+import math
 import multiprocessing as mp
 import os
 import queue

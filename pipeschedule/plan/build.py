@@ -25,7 +25,7 @@ import gc
 
 import pipeschedule.plan.orders as orders
 from pipeschedule.plan.orders import _check_sizes, choose_group_size, order_table, phase_counts
-from pipeschedule.plan.steps import Exchange, Message, RankPlan, Step, message_table, new_action, new_message, rank_of
+from pipeschedule.plan.steps import RankPlan, message_table, new_action, new_exchange, new_message, new_step, rank_of
 
 __all__ = ["build_pipeline", "build_plan", "lockstep_receives"]
 
@@ -52,12 +52,6 @@ def _sent_at(p: int, r: int, v: int, steps: list[orders.StepTuple], *, to: int |
         for kind, per_chunk in message_table(p, r, v)[1].items()
     }
     for i, (actions, _) in enumerate(steps, start=1):  # exchange 0 is the initial receive; step i - 1 posts exchange i
-        if len(actions) == 1:
-            kind, mb, chunk, _ = actions[0]
-            sent = out[kind][chunk]
-            if sent is not None:
-                where[(sent[0], mb, sent[1], sent[2])] = i
-            continue
         # Fills carry no messages; a step's activations leave before its gradients.
         grads = []
         for kind, mb, chunk, _ in actions:
@@ -125,9 +119,7 @@ def _rank_plan(
             recvs[placed[msg]].append(msg)
 
     # The plan's objects, step by step: its actions, and the exchange that sends what they
-    # produce (activations first) and receives what was placed there. Tens of thousands of them,
-    # built without the frozen dataclasses' per-field ``__setattr__`` (a third of the cost).
-    _new = object.__new__
+    # produce (activations first) and receives what was placed there.
     plan_steps = []
     for (actions, fill), received in zip(steps, recvs[1:]):
         sends, grads = [], []
@@ -135,19 +127,12 @@ def _rank_plan(
             sent = outputs[kind][chunk]
             if sent is not None:
                 (sends if sent[0] == "act" else grads).append(new_message(sent[0], mb, sent[1], sent[2]))
-        exchange = _new(Exchange)
-        exchange.__dict__["sends"] = tuple(sends + grads) if grads else tuple(sends)
-        exchange.__dict__["recvs"] = tuple([new_message(*msg) for msg in received])
-        step = _new(Step)
-        fields = step.__dict__
-        fields["actions"] = (new_action(*actions[0]),) if len(actions) == 1 else tuple([new_action(*a) for a in actions])
-        fields["exchange"] = exchange
-        fields["fill"] = tuple([new_action(*a) for a in fill]) if fill else ()
-        plan_steps.append(step)
+        exchange = new_exchange(tuple(sends + grads), tuple([new_message(*msg) for msg in received]))
+        plan_steps.append(new_step(tuple([new_action(*a) for a in actions]), exchange, tuple([new_action(*a) for a in fill])))
     return RankPlan(
         p=p, r=r, v=v, m=m, forward_only=forward_only, group_size=g,
         counts=phase_counts(p=p, r=r, v=v, m=m, forward_only=forward_only, group_size=g, zero_bubble=schedule == "zero-bubble"),
-        first=Exchange(recvs=tuple(Message(*msg) for msg in recvs[0])),
+        first=new_exchange((), tuple([new_message(*msg) for msg in recvs[0]])),
         steps=tuple(plan_steps),
         schedule="zero-bubble" if schedule == "zero-bubble" and not forward_only else "1f1b",
     )

@@ -258,3 +258,18 @@ def new_message(kind: str, microbatch: int, src_stage: int, dst_stage: int, _new
     fields = message.__dict__
     fields["kind"], fields["microbatch"], fields["src_stage"], fields["dst_stage"] = kind, microbatch, src_stage, dst_stage
     return message
+
+
+def new_exchange(sends: tuple[Message, ...], recvs: tuple[Message, ...], _new=object.__new__) -> Exchange:
+    """``Exchange(sends, recvs)``, built as :func:`new_action` builds actions."""
+    exchange = _new(Exchange)
+    exchange.__dict__["sends"], exchange.__dict__["recvs"] = sends, recvs
+    return exchange
+
+
+def new_step(actions: tuple[Action, ...], exchange: Exchange, fill: tuple[Action, ...], _new=object.__new__) -> Step:
+    """``Step(actions, exchange, fill)``, built as :func:`new_action` builds actions."""
+    step = _new(Step)
+    fields = step.__dict__
+    fields["actions"], fields["exchange"], fields["fill"] = actions, exchange, fill
+    return step

@@ -158,7 +158,7 @@ class OverlappedRunner(PlanRunner):
         start = time.perf_counter() if observer is not None else 0.0
         if self.plan.rank_of(msg.src_stage) in self.handshake.unchecked:
             self._check_call((self.plan.rank_of(msg.src_stage),))
-        begun, work, buffer, peer = self.early.pop(msg) if msg in self.early else (None, *self.expected.pop(msg))
+        begun, work, buffer, peer = self._claim(msg)
         self.where = f"waited for {msg.label()}"
         wait_bounded(work, link=self.link, peer=peer, what=self.where, timeout=self.config.p2p_timeout, begun=begun)
         self._check_received((msg,), [buffer])
@@ -166,12 +166,16 @@ class OverlappedRunner(PlanRunner):
         if observer is not None:
             observer(ScheduleEvent(self.link.rank, "exchange", None, Exchange(recvs=(msg,)), start, time.perf_counter()))
 
+    def _claim(self, msg: Message) -> tuple[Any, Any, torch.Tensor, int]:
+        """A posted receive, taken off the books: (its wait begun early or ``None``, work, buffer, peer)."""
+        return self.early.pop(msg) if msg in self.early else (None, *self.expected.pop(msg))
+
     def _take(self, peer: int, due: list[Message], hears_from_us: bool) -> None:
         # Receives already posted for some of ``due`` come first on the channel (they were posted
         # in plan order): wait on those, and post new receives only for the rest.
         posted = [m for m in due if m in self.expected or m in self.early]
         for msg in posted:
-            begun, work, buffer, _ = self.early.pop(msg) if msg in self.early else (None, *self.expected.pop(msg))
+            begun, work, buffer, _ = self._claim(msg)
             wait_bounded(work, link=self.link, peer=peer, what=f"took {msg.label()} after a failure",
                          timeout=self.config.p2p_timeout, begun=begun)
             self.received.add(msg)
