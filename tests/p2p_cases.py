@@ -43,3 +43,37 @@ def helper_round_trips(group_name: str, rank: int, groups: dict) -> dict[str, An
             p2p.send_backward(link, grad)
             got["send_backward_recv_forward"] = p2p.send_backward_recv_forward(link, grad, spec)[0, 0].item()
     return got
+
+
+def early_wait_outlasting_timeout(delay: float, rank: int, groups: dict) -> dict[str, Any] | None:
+    """Rank 0 of group 0-1 begins waiting for a tensor at once and needs it ``delay`` seconds
+    later, when rank 1 sends it; each bounds its waits by ``p2p_timeout = delay / 2``."""
+    import time
+
+    import torch.distributed as dist
+
+    from pipeschedule.wire import p2p
+    from pipeschedule.wire.notice import FailureBoard
+
+    if rank not in (0, 1):
+        return None
+    group = groups["0-1"]
+    link = p2p.Neighbours.of(group)
+    board = FailureBoard.open([group], me=f"rank {link.rank}", timeout=delay / 2)
+    board.enter()
+    try:
+        if link.rank == 1:
+            time.sleep(delay)
+            work = p2p.post_send(link, torch.ones(3), 0, what=lambda: "sent", timeout=delay / 2)
+            p2p.wait_bounded(work, link=link, peer=0, what="sent", timeout=delay / 2)
+            return {"rank": 1}
+        buffer = torch.zeros(3)
+        work = p2p.post_recv(link, buffer, 1, what=lambda: "received", timeout=delay / 2)
+        begun = p2p.begin_wait(work)
+        time.sleep(delay)  # busy: the tensor arrives while this rank computes
+        start = time.monotonic()
+        p2p.wait_bounded(work, link=link, peer=1, what="received", timeout=delay / 2, begun=begun)
+        return {"rank": 0, "waited": time.monotonic() - start, "got": buffer.tolist()}
+    finally:
+        board.leave()
+        dist.barrier(group=group)

@@ -64,3 +64,25 @@ def test_a_notice_stops_a_wait_that_never_ends_and_later_waits_do_not_queue_behi
     assert time.monotonic() - start < 1.0
     never.set()
     board._waiter.close()
+
+
+def test_waits_run_in_the_order_started_and_one_not_begun_can_be_withdrawn():
+    board = _board()
+    begun, release = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def first() -> None:
+        begun.set()
+        release.wait(10.0)
+        ran.append("first")
+
+    jobs = [board.start(first), board.start(lambda: ran.append("second")), board.start(lambda: ran.append("third"))]
+    assert begun.wait(5.0)
+    assert board.cancel(jobs[0]) is False  # already running: it runs to its end
+    assert board.cancel(jobs[1]) is True  # queued behind it: withdrawn, never runs
+    release.set()
+    board.finish(jobs[2], timeout=5.0, where="waited", on_error=_raise)
+    board.finish(jobs[0], timeout=5.0, where="waited", on_error=_raise)
+    assert ran == ["first", "third"]
+    assert board.cancel(jobs[2]) is False  # done
+    board._waiter.close()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from p2p_cases import helper_round_trips
+from p2p_cases import early_wait_outlasting_timeout, helper_round_trips
 from pool import JobError
 
 
@@ -24,3 +24,14 @@ def test_helpers_on_a_ring(pool, group):
         elif size % 2 == 0:
             assert out["recv_forward"] == 100 + prev
             assert out["send_backward_recv_forward"] == 100 + prev
+
+
+def test_a_wait_begun_ahead_of_need_is_bounded_from_when_the_tensor_is_needed(pool):
+    """``begin_wait`` starts the backend wait long before the tensor is due (the overlapped mode
+    hands every posted receive to the waiter thread): ``p2p_timeout`` counts from the need, so a
+    tensor that arrives in time is no failure, however long ago its wait began."""
+    results = pool.run(early_wait_outlasting_timeout, 1.0)
+    assert not any(isinstance(out, JobError) for out in results.values()), results
+    out = next(o for o in results.values() if o is not None and o["rank"] == 0)
+    assert out["got"] == [1.0, 1.0, 1.0]
+    assert out["waited"] < 0.5, out

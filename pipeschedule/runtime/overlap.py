@@ -9,14 +9,17 @@ The plan is the one every schedule uses; only the waiting changes.
   the sender's communication thread; posted in batches those wake-ups are shared, and the
   zero-compute step was measured about 15 % shorter with ``W = 8`` than with ``W = 2``
   (``docs/BENCHMARKS.md``).
-* Each receive is waited on right before the action that consumes its tensor. The wait itself
-  begins one action earlier, on the failure board's waiter thread (which watches the job's
-  failure notices): while the action before the consumer runs, the tensor arrives and is waited
-  for off this thread, so a tensor already there costs no thread hop when it is needed. (A hop
-  costs about 60 us here; waiting for every receive on this thread made the zero-bubble step at
-  ``v = 2`` about 10 % shorter, but such a wait hears neither Ctrl-C nor a notice.) Only the
-  next action's input is waited for early: the waiter runs one wait at a time, and nothing this
-  rank does before that action waits for anything but sends, which are waited on here.
+* Each receive is waited on right before the action that consumes its tensor. The backend waits
+  themselves run on the failure board's waiter thread (which watches the job's failure notices):
+  it is handed every posted receive in the order this rank consumes them, and waits for each in
+  turn while this thread computes. A tensor that has arrived by the time it is needed costs no
+  thread hop then (a hop costs about 60 us here; waiting for every receive on this thread made the
+  zero-bubble step at ``v = 2`` about 10 % shorter, but such a wait hears neither Ctrl-C nor a
+  notice). Consumption order is what makes this safe: the waiter is never stuck on a tensor
+  needed later than one this thread waits for, and nothing this rank does between two consumers
+  waits for anything but sends, which are waited on here. ``p2p_timeout`` bounds each wait from
+  when the tensor is needed; the backend wait, begun ahead of need, only by the process group's
+  timeout.
 * A send is posted as soon as its tensor exists, inside the action, before the action's own
   bookkeeping. The sends of step ``i`` are waited on during step ``i + 1``, by when their
   receivers have long posted the matching receives, so the wait is over at once and the tensors
@@ -39,8 +42,8 @@ operation, with its peer's side posted no later, and the plan's strict exchanges
 deadlock-free (:func:`pipeschedule.plan.check.check_pipeline`): delaying waits and advancing posts
 removes reasons to block and adds none. A receive's wait begun early on the waiter thread blocks
 nothing this rank does before its consumer: everything in between posts, computes or waits on
-sends on this thread. On every channel both sides post in the plan's order, so each tensor lands
-in the buffer meant for it.
+sends on this thread, and the receives the waiter takes before it are consumed before it. On every
+channel both sides post in the plan's order, so each tensor lands in the buffer meant for it.
 
 Backends: on gloo every operation completes on its own, which is what this mode relies on. NCCL
 runs the point-to-point operations between two ranks on one stream in posting order, where an early
@@ -48,7 +51,8 @@ receive can hold back a later send. The batched default (``overlap_p2p_comm=Fals
 proven for NCCL. With headers (``variable_seq_lengths`` or ``check_p2p_shapes``) the schedules use the
 default mode, whose framed exchange already leaves sends unwaited.
 
-On a failure, neighbours are told as in the default mode (:mod:`pipeschedule.runtime.abort`), and what a
+On a failure, the waits the waiter has not begun are withdrawn and the one it may be in is left
+to it; neighbours are told as in the default mode (:mod:`pipeschedule.runtime.abort`), and what a
 neighbour still sends this rank is taken, so that a neighbour this rank owes nothing more can
 finish its step instead of timing out: receives already posted for those messages are waited on,
 the rest are posted then.
@@ -76,11 +80,12 @@ class OverlappedRunner(PlanRunner):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.expected: dict[Message, tuple[Any, torch.Tensor, int]] = {}  # posted receives: work, buffer, peer
-        # Posted receives whose wait has begun on the waiter thread: (that wait, work, buffer, peer).
+        # Posted receives handed to the waiter thread: (that wait, work, buffer, peer).
         self.early: dict[Message, tuple[Any, Any, torch.Tensor, int]] = {}
-        actions = self.plan.actions
-        # What the action after each action consumes: its wait begins while this one runs.
-        self.next_input = {a: msg for a, b in zip(actions, actions[1:]) if (msg := self.plan.input_message(b)) is not None}
+        # Every received message in the order this rank consumes them; the first ``queued`` have
+        # been handed to the waiter (or consumed before it could be: before the call records were checked).
+        self.consumed_order = [msg for a in self.plan.actions if (msg := self.plan.input_message(a)) is not None]
+        self.queued = 0
         self.posted_upto = 0  # plan.exchanges[:posted_upto] have their receives posted
         self.steps_done = 0
         self.window = self.config.overlap_recv_window
@@ -99,6 +104,7 @@ class OverlappedRunner(PlanRunner):
                 buffer, peer = self.spec.empty(), self.plan.rank_of(msg.src_stage)
                 work = post_recv(self.link, buffer, peer, what=what, timeout=self.config.p2p_timeout)
                 self.expected[msg] = (work, buffer, peer)
+        self._queue_waits()
 
     def _start(self) -> None:
         self._post_receives(1 + self.window)
@@ -125,19 +131,33 @@ class OverlappedRunner(PlanRunner):
         msg = self.plan.input_message(action)
         if msg is not None and msg not in self.inbox:
             self._await(msg)
-        self._begin_early(self.next_input.get(action))
+            if self.queued < len(self.consumed_order) and msg is self.consumed_order[self.queued]:
+                self._queue_waits()  # consumed before its wait could be handed over
         super()._timed_action(action)
 
-    def _begin_early(self, msg: Message | None) -> None:
-        """Begin waiting for ``msg``, the next action's input, while this action runs (if its receive is posted)."""
-        if msg is None or msg not in self.expected or self.board is None or self.handshake.unchecked:
-            return
-        work, buffer, peer = self.expected.pop(msg)
-        self.early[msg] = (begin_wait(work, timeout=self.config.p2p_timeout), work, buffer, peer)
+    def _queue_waits(self) -> None:
+        """Hand the waiter every posted receive not yet handed over, in consumption order."""
+        if self.board is None or self.handshake.unchecked:
+            return  # the waits for the call records come first
+        order = self.consumed_order
+        while self.queued < len(order):
+            msg = order[self.queued]
+            if msg in self.expected:
+                work, buffer, peer = self.expected.pop(msg)
+                self.early[msg] = (begin_wait(work), work, buffer, peer)
+            elif msg not in self.received:
+                return  # not posted yet
+            self.queued += 1
 
     def _abort(self, exc: BaseException) -> None:
         if self.early and self.board is not None:
-            self.board.abandon_waits()  # an early wait may never end now: the failure handling's waits must not queue behind it
+            # Waits the waiter has not begun go back to being posted receives; the one it may be
+            # in may never end now, so the failure handling's waits get a thread of their own.
+            for msg, (job, work, buffer, peer) in list(self.early.items()):
+                if self.board.cancel(job):
+                    del self.early[msg]
+                    self.expected[msg] = (work, buffer, peer)
+            self.board.abandon_waits()
         super()._abort(exc)
 
     def _emit(self, msg: Message, tensor: torch.Tensor) -> None:

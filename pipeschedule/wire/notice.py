@@ -45,7 +45,7 @@ import torch.distributed as dist
 from pipeschedule.errors import RESTART, PeerFailedError
 from pipeschedule.wire.records import RECORD_LEN, AbortRecord, encode_abort, read_abort_marker
 
-__all__ = ["FailureBoard", "Notice", "bounded_collective", "current_board", "declare_groups"]
+__all__ = ["FailureBoard", "Job", "Notice", "bounded_collective", "current_board", "declare_groups"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,33 +133,59 @@ class _Done:
         return self._done
 
 
+class Job:
+    """A blocking wait handed to the waiter thread: ``done`` is set when it has run (or failed:
+    ``error``). A job not yet started can be withdrawn (:meth:`cancel`)."""
+
+    __slots__ = ("done", "error", "func", "started")
+
+    def __init__(self, func: Callable[[], Any]) -> None:
+        self.done = _Done()
+        self.error: BaseException | None = None
+        self.func: Callable[[], Any] | None = func
+        self.started = False
+
+
 class _Waiter:
-    """A daemon thread that runs blocking waits handed to it, one at a time."""
+    """A daemon thread that runs the blocking waits handed to it, one at a time, in the order given."""
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._lock = _thread.allocate_lock()  # between taking a job up and withdrawing it
 
-    def submit(self, func: Callable[[], Any]) -> list:
-        """Run ``func`` on the thread; returns ``[done, error, func]``, ``done`` set when it is done."""
+    def submit(self, func: Callable[[], Any]) -> Job:
+        """Run ``func`` on the thread after the jobs already given."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="pipeschedule-waiter", daemon=True)
             self._thread.start()
-        job = [_Done(), None, func]
+        job = Job(func)
         self._queue.put(job)
         return job
+
+    def cancel(self, job: Job) -> bool:
+        """Withdraw ``job`` if the thread has not taken it up; ``False`` if it has (it runs to its end)."""
+        with self._lock:
+            if job.started:
+                return False
+            job.func = None
+            return True
 
     def _loop(self) -> None:
         while True:
             job = self._queue.get()
             if job is None:
                 return
+            with self._lock:
+                func, job.started = job.func, True
+            if func is None:  # withdrawn
+                continue
             try:
-                job[2]()
+                func()
             except BaseException as exc:  # handed to the waiting thread
-                job[1] = exc
-            job[2] = None
-            job[0].set()
+                job.error = exc
+            job.func = None
+            job.done.set()
 
     def close(self) -> None:
         # A wait abandoned after a failure may still block the thread; it ends with its own timeout.
@@ -300,23 +326,28 @@ class FailureBoard:
         """
         self.finish(self.start(blocking), timeout=timeout, where=where, on_error=on_error)
 
-    def start(self, blocking: Callable[[], Any]) -> list:
+    def start(self, blocking: Callable[[], Any]) -> Job:
         """Hand ``blocking()`` to the waiter thread now, ahead of need; :meth:`finish` waits for it.
 
-        The waiter runs one wait at a time: a wait started early holds back every later one until
-        it ends, so only start one whose end nothing this rank does meanwhile is waiting for.
+        The waiter runs its waits one at a time, in the order they were started: a wait started
+        early holds back every later one until it ends. So start waits in the order this rank
+        needs them, and only waits whose end nothing this rank does meanwhile is waiting for.
         """
         return self._waiter.submit(blocking)
 
-    def finish(self, job: list, *, timeout: float | None, where: str,
+    def finish(self, job: Job, *, timeout: float | None, where: str,
                on_error: Callable[[BaseException], BaseException]) -> None:
         """Wait for a wait handed over by :meth:`start`, watching the notices as :meth:`wait` does."""
-        self._watch(job[0], timeout=timeout, where=where, on_error=on_error)
-        if job[1] is not None:
+        self._watch(job.done, timeout=timeout, where=where, on_error=on_error)
+        if job.error is not None:
             notice = self.poll(force=True)
             if notice is not None:
-                raise self.error(notice, where) from job[1]
-            raise on_error(job[1]) from job[1]
+                raise self.error(notice, where) from job.error
+            raise on_error(job.error) from job.error
+
+    def cancel(self, job: Job) -> bool:
+        """Withdraw a wait handed over by :meth:`start` that has not begun; ``False`` if it has."""
+        return self._waiter.cancel(job)
 
     def abandon_waits(self) -> None:
         """The step failed: a wait started early may never end, so later waits get a thread of their own."""

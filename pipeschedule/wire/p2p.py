@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from pipeschedule.errors import RESTART, PeerFailedError
-from pipeschedule.wire.notice import current_board
+from pipeschedule.wire.notice import Job, current_board
 from pipeschedule.wire.records import AbortRecord, Reason
 
 __all__ = [
@@ -140,7 +140,7 @@ def _as_wait(timeout: float) -> timedelta:
 
 
 def wait_bounded(
-    work: dist.Work, *, link: Neighbours, peer: int, what: str, timeout: float | None, begun: list | None = None,
+    work: dist.Work, *, link: Neighbours, peer: int, what: str, timeout: float | None, begun: Job | None = None,
     watch: bool = True,
 ) -> None:
     """``work.wait()``, at most ``timeout`` seconds (``None``: unbounded); failures name ``peer``.
@@ -162,12 +162,17 @@ def wait_bounded(
         raise _link_failure(link, peer, what, exc, timeout) from exc
 
 
-def begin_wait(work: dist.Work, *, timeout: float | None) -> list | None:
-    """Start waiting for ``work`` now, on the notices' waiter thread, to be finished by
-    :func:`wait_bounded` (``begun=``): the wait overlaps this rank's compute, and a tensor that has
-    arrived by the time it is needed costs no thread hop then. ``None`` outside a step."""
+def begin_wait(work: dist.Work) -> Job | None:
+    """Start waiting for ``work`` now, on the notices' waiter thread, ahead of need, to be finished
+    by :func:`wait_bounded` (``begun=``): the wait overlaps this rank's compute, and a tensor that
+    has arrived by the time it is needed costs no thread hop then. ``None`` outside a step.
+
+    The backend wait itself is bounded only by the process group's timeout: it may begin long
+    before the tensor is due. The bound that counts, ``timeout`` of :func:`wait_bounded`, runs from
+    when this rank needs the tensor.
+    """
     board = current_board()
-    return None if board is None else board.start(_blocking(work, timeout))
+    return None if board is None else board.start(work.wait)
 
 
 def _blocking(work: dist.Work, timeout: float | None) -> Callable[[], object]:
