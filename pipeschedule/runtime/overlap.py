@@ -13,9 +13,9 @@ The plan is the one every schedule uses; only the waiting changes.
   themselves run on the failure board's waiter thread (which watches the job's failure notices):
   it is handed every posted receive in the order this rank consumes them, and waits for each in
   turn while this thread computes. A tensor that has arrived by the time it is needed costs no
-  thread hop then (a hop costs about 60 us here; waiting for every receive on this thread made the
-  zero-bubble step at ``v = 2`` about 10 % shorter, but such a wait hears neither Ctrl-C nor a
-  notice). Consumption order is what makes this safe: the waiter is never stuck on a tensor
+  thread hop then (a hop costs about 60 us here; before waits began ahead of need, waiting for
+  every receive on this thread instead made the zero-bubble step at ``v = 2`` about 10 % shorter,
+  but such a wait hears neither Ctrl-C nor a notice). Consumption order is what makes this safe: the waiter is never stuck on a tensor
   needed later than one this thread waits for, and nothing this rank does between two consumers
   waits for anything but sends, which are waited on here. ``p2p_timeout`` bounds each wait from
   when the tensor is needed; the backend wait, begun ahead of need, only by the process group's
