@@ -149,10 +149,13 @@ class Job:
 class _Waiter:
     """A daemon thread that runs the blocking waits handed to it, one at a time, in the order given."""
 
+    # Between a thread taking a job up and a job being withdrawn; one for every waiter, as a job
+    # may outlive the waiter current when it is withdrawn (:meth:`FailureBoard.abandon_waits`).
+    _lock = _thread.allocate_lock()
+
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._lock = _thread.allocate_lock()  # between taking a job up and withdrawing it
 
     def submit(self, func: Callable[[], Any]) -> Job:
         """Run ``func`` on the thread after the jobs already given."""
@@ -188,7 +191,8 @@ class _Waiter:
             job.done.set()
 
     def close(self) -> None:
-        # A wait abandoned after a failure may still block the thread; it ends with its own timeout.
+        # A wait abandoned after a failure may still block the thread; it ends with its own bound
+        # (the process group's timeout for a wait begun ahead of need).
         if self._thread is not None:
             self._queue.put(None)
 
