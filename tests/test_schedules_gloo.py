@@ -138,4 +138,3 @@ def test_the_receive_window_bounds_the_buffers_posted_ahead(pool):
     assert peaks[2][3] <= 3 * activation + 8, peaks
     # Window 12: exchanges 0..13 are posted before the first action, seven of which carry one.
     assert peaks[12][3] >= 7 * activation, peaks
-

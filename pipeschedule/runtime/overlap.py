@@ -15,11 +15,11 @@ The plan is the one every schedule uses; only the waiting changes.
   turn while this thread computes. A tensor that has arrived by the time it is needed costs no
   thread hop then (a hop costs about 60 us here; before waits began ahead of need, waiting for
   every receive on this thread instead made the zero-bubble step at ``v = 2`` about 10 % shorter,
-  but such a wait hears neither Ctrl-C nor a notice). Consumption order is what makes this safe: the waiter is never stuck on a tensor
-  needed later than one this thread waits for, and nothing this rank does between two consumers
-  waits for anything but sends, which are waited on here. ``p2p_timeout`` bounds each wait from
-  when the tensor is needed; the backend wait, begun ahead of need, only by the process group's
-  timeout.
+  but such a wait hears neither Ctrl-C nor a notice). Consumption order is what makes this safe:
+  the waiter is never stuck on a tensor needed later than one this thread waits for, and nothing
+  this rank does between two consumers waits for anything but sends, which are waited on here.
+  ``p2p_timeout`` bounds each wait from when the tensor is needed; the backend wait, begun ahead
+  of need, only by the process group's timeout.
 * A send is posted as soon as its tensor exists, inside the action, before the action's own
   bookkeeping. The sends of step ``i`` are waited on during step ``i + 1``, by when their
   receivers have long posted the matching receives, so the wait is over at once and the tensors

@@ -135,15 +135,14 @@ class _Done:
 
 class Job:
     """A blocking wait handed to the waiter thread: ``done`` is set when it has run (or failed:
-    ``error``). A job not yet started can be withdrawn (:meth:`cancel`)."""
+    ``error``). ``func`` is ``None`` once the thread has taken it up or it was withdrawn."""
 
-    __slots__ = ("done", "error", "func", "started")
+    __slots__ = ("done", "error", "func")
 
     def __init__(self, func: Callable[[], Any]) -> None:
         self.done = _Done()
         self.error: BaseException | None = None
         self.func: Callable[[], Any] | None = func
-        self.started = False
 
 
 class _Waiter:
@@ -169,10 +168,8 @@ class _Waiter:
     def cancel(self, job: Job) -> bool:
         """Withdraw ``job`` if the thread has not taken it up; ``False`` if it has (it runs to its end)."""
         with self._lock:
-            if job.started:
-                return False
-            job.func = None
-            return True
+            withdrawn, job.func = job.func is not None, None
+        return withdrawn
 
     def _loop(self) -> None:
         while True:
@@ -180,14 +177,13 @@ class _Waiter:
             if job is None:
                 return
             with self._lock:
-                func, job.started = job.func, True
+                func, job.func = job.func, None
             if func is None:  # withdrawn
                 continue
             try:
                 func()
             except BaseException as exc:  # handed to the waiting thread
                 job.error = exc
-            job.func = None
             job.done.set()
 
     def close(self) -> None:
