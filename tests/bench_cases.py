@@ -34,7 +34,7 @@ def bench_contenders(arg: tuple[int, int], rank: int, groups: dict) -> dict[str,
 
 
 def bench_zb_contenders(m: int, rank: int, groups: dict) -> dict[str, Any]:
-    """One zero-compute step of each of our zero-bubble contenders and the zero-bubble floor; per
+    """One zero-compute step of each of our contenders and the floors; per
     contender, whether this rank's bias gradients are bit-equal to one process's, and the most
     chunk-activations held until their W and until their I."""
     import bench
@@ -44,7 +44,7 @@ def bench_zb_contenders(m: int, rank: int, groups: dict) -> dict[str, Any]:
     setup = bench.ZbSetup(m=m, tf=0.0, tb=0.0, tw=0.0)
     out = {}
     for entry in bench._lineup():
-        if entry.family not in ("zb", "floor", "1f1b"):
+        if entry.family not in ("zb", "floor", "1f1b", "floor-1f1b"):
             continue
         meter = bench.Meter()
         chunks = [bench.SplitSleepChunk(meter=meter, tf=0.0, tb=0.0, tw=0.0) for _ in range(entry.v)]

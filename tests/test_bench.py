@@ -79,7 +79,7 @@ def test_the_zero_bubble_formula_is_the_simulated_step(costs, m):
         if entry.family == "zb":
             plans = build_pipeline(p=4, v=entry.v, m=m, schedule="zero-bubble")
             sim = simulate(plans, cost=CostModel(tf=tf, tb=tb, tw=tw), overlapped=True)
-        elif entry.family == "1f1b":
+        elif entry.family in ("1f1b", "floor-1f1b"):
             sim = simulate(build_pipeline(p=4, v=entry.v, m=m), cost=CostModel(tf=tf, tb=tb + tw))
         else:
             continue
@@ -119,7 +119,7 @@ def test_our_zero_bubble_contenders_compute_one_process_gradients(pool):
         for name, got in out.items():
             assert got["unequal"] == 0, (rank, name, got)  # bit for bit one process's gradients
             v = 2 if " v2" in name else 1
-            plans = whole[v - 1] if name.startswith(("ours 1F1B", "ours interleaved")) else zb[v - 1]
+            plans = whole[v - 1] if name.startswith(("ours 1F1B", "ours interleaved", "floor 1F1B", "floor interleaved")) else zb[v - 1]
             assert got["fw"] == peak_live_activations(plans[rank]), (rank, name, got)
             if rank:  # rank 0's first stage has no input to split: its I is done inside W
                 assert got["fi"] == peak_awaiting_backward(plans[rank]), (rank, name, got)
