@@ -811,7 +811,9 @@ _WHOLE_BACKWARD = ("1f1b", "floor-1f1b")  # the families whose plans have no spl
 
 def _floor_of(entry: _Entry) -> str | None:
     """The family of the floor row an entry is measured against (of the same v), if any."""
-    return {"zb": "floor", "floor": "floor", "1f1b": "floor-1f1b", "floor-1f1b": "floor-1f1b"}.get(entry.family)
+    if entry.family == "torch":
+        return None
+    return "floor-1f1b" if entry.family in _WHOLE_BACKWARD else "floor"
 
 
 def _plan_peaks(entry: _Entry, m: int) -> tuple[list[int], list[int]] | None:
